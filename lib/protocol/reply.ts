@@ -1,0 +1,163 @@
+// Transmission replies: simple replies and structured reply chunks. Pure functions over Buffers.
+// Encoders return only headers (and small fixed payloads); bulk read data is written after them by the caller,
+// so data is never copied into a reply buffer.
+
+import {
+  NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_ERROR,
+  NBD_REPLY_TYPE_ERROR_OFFSET,
+  NBD_REPLY_TYPE_NONE,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_REPLY_TYPE_OFFSET_HOLE,
+  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_STRUCTURED_REPLY_MAGIC,
+  SIMPLE_REPLY_SIZE,
+  STRUCTURED_REPLY_HEADER_SIZE,
+} from './constants';
+import { ProtocolError } from '../errors';
+
+/** One base:allocation (or other context) descriptor. */
+export interface Extent {
+  length: number;
+  flags: number;
+}
+
+export function encodeSimpleReply(cookie: bigint, error: number, target: Buffer = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE), off = 0): Buffer {
+  target.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, off);
+  target.writeUInt32BE(error >>> 0, off + 4);
+  target.writeBigUInt64BE(cookie, off + 8);
+  return target;
+}
+
+function writeChunkHeader(b: Buffer, off: number, cookie: bigint, flags: number, type: number, length: number): void {
+  b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, off);
+  b.writeUInt16BE(flags, off + 4);
+  b.writeUInt16BE(type, off + 6);
+  b.writeBigUInt64BE(cookie, off + 8);
+  b.writeUInt32BE(length >>> 0, off + 16);
+}
+
+/** A bare structured chunk header (20 bytes). */
+export function encodeChunkHeader(cookie: bigint, flags: number, type: number, length: number): Buffer {
+  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE);
+  writeChunkHeader(b, 0, cookie, flags, type, length);
+  return b;
+}
+
+/** NBD_REPLY_TYPE_NONE with DONE: the final chunk of a successful reply. */
+export function encodeNoneChunk(cookie: bigint): Buffer {
+  return encodeChunkHeader(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
+}
+
+/** Header + offset of an OFFSET_DATA chunk (28 bytes); the caller sends dataLength bytes of data after it. */
+export function encodeOffsetDataHeader(cookie: bigint, flags: number, offset: number, dataLength: number): Buffer {
+  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + 8);
+  writeChunkHeader(b, 0, cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + dataLength);
+  b.writeBigUInt64BE(BigInt(offset), STRUCTURED_REPLY_HEADER_SIZE);
+  return b;
+}
+
+/** A complete OFFSET_HOLE chunk (32 bytes). */
+export function encodeOffsetHole(cookie: bigint, flags: number, offset: number, size: number): Buffer {
+  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + 12);
+  writeChunkHeader(b, 0, cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+  b.writeBigUInt64BE(BigInt(offset), STRUCTURED_REPLY_HEADER_SIZE);
+  b.writeUInt32BE(size >>> 0, STRUCTURED_REPLY_HEADER_SIZE + 8);
+  return b;
+}
+
+/** A complete BLOCK_STATUS chunk for one meta context. extents must be non-empty. */
+export function encodeBlockStatus(cookie: bigint, flags: number, contextId: number, extents: readonly Extent[]): Buffer {
+  const len = 4 + 8 * extents.length;
+  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + len);
+  writeChunkHeader(b, 0, cookie, flags, NBD_REPLY_TYPE_BLOCK_STATUS, len);
+  let p = STRUCTURED_REPLY_HEADER_SIZE;
+  b.writeUInt32BE(contextId >>> 0, p);
+  p += 4;
+  for (const e of extents) {
+    b.writeUInt32BE(e.length >>> 0, p);
+    b.writeUInt32BE(e.flags >>> 0, p + 4);
+    p += 8;
+  }
+  return b;
+}
+
+/** A complete ERROR chunk (with DONE unless flags say otherwise); the message is cut to fit 16 bits. */
+export function encodeErrorChunk(cookie: bigint, flags: number, error: number, message = ''): Buffer {
+  const msg = Buffer.from(message, 'utf8').subarray(0, 4096);
+  const len = 6 + msg.length;
+  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + len);
+  writeChunkHeader(b, 0, cookie, flags, NBD_REPLY_TYPE_ERROR, len);
+  b.writeUInt32BE(error >>> 0, STRUCTURED_REPLY_HEADER_SIZE);
+  b.writeUInt16BE(msg.length, STRUCTURED_REPLY_HEADER_SIZE + 4);
+  msg.copy(b, STRUCTURED_REPLY_HEADER_SIZE + 6);
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Client side
+
+export type ReplyHeader =
+  | { kind: 'simple'; error: number; cookie: bigint; headerSize: number }
+  | { kind: 'structured'; flags: number; type: number; cookie: bigint; length: number; headerSize: number };
+
+/** Decode a simple reply or structured chunk header. Null if short; throws ProtocolError on a bad magic. */
+export function decodeReplyHeader(buf: Buffer, off = 0): ReplyHeader | null {
+  const avail = buf.length - off;
+  if (avail < 4) return null;
+  const magic = buf.readUInt32BE(off);
+  if (magic === NBD_SIMPLE_REPLY_MAGIC) {
+    if (avail < SIMPLE_REPLY_SIZE) return null;
+    return { kind: 'simple', error: buf.readUInt32BE(off + 4), cookie: buf.readBigUInt64BE(off + 8), headerSize: SIMPLE_REPLY_SIZE };
+  }
+  if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
+    if (avail < STRUCTURED_REPLY_HEADER_SIZE) return null;
+    return {
+      kind: 'structured',
+      flags: buf.readUInt16BE(off + 4),
+      type: buf.readUInt16BE(off + 6),
+      cookie: buf.readBigUInt64BE(off + 8),
+      length: buf.readUInt32BE(off + 16),
+      headerSize: STRUCTURED_REPLY_HEADER_SIZE,
+    };
+  }
+  throw new ProtocolError(`bad reply magic 0x${magic.toString(16)}`);
+}
+
+/** OFFSET_DATA payload: offset and a view of the data (no copy). */
+export function parseOffsetData(payload: Buffer): { offset: number; data: Buffer } | undefined {
+  if (payload.length < 9) return undefined;
+  return { offset: Number(payload.readBigUInt64BE(0)), data: payload.subarray(8) };
+}
+
+export function parseOffsetHole(payload: Buffer): { offset: number; size: number } | undefined {
+  if (payload.length !== 12) return undefined;
+  const size = payload.readUInt32BE(8);
+  if (size === 0) return undefined;
+  return { offset: Number(payload.readBigUInt64BE(0)), size };
+}
+
+export function parseBlockStatus(payload: Buffer): { contextId: number; extents: Extent[] } | undefined {
+  if (payload.length < 12 || (payload.length - 4) % 8 !== 0) return undefined;
+  const extents: Extent[] = [];
+  for (let p = 4; p < payload.length; p += 8) {
+    extents.push({ length: payload.readUInt32BE(p), flags: payload.readUInt32BE(p + 4) });
+  }
+  return { contextId: payload.readUInt32BE(0), extents };
+}
+
+/** ERROR and ERROR_OFFSET payloads. */
+export function parseErrorChunk(type: number, payload: Buffer): { error: number; message: string; offset?: number } | undefined {
+  if (payload.length < 6) return undefined;
+  const error = payload.readUInt32BE(0);
+  const msgLen = payload.readUInt16BE(4);
+  if (6 + msgLen > payload.length) return undefined;
+  const message = payload.toString('utf8', 6, 6 + msgLen);
+  if (type === NBD_REPLY_TYPE_ERROR_OFFSET) {
+    if (payload.length !== 6 + msgLen + 8) return undefined;
+    return { error, message, offset: Number(payload.readBigUInt64BE(6 + msgLen)) };
+  }
+  if (type === NBD_REPLY_TYPE_ERROR) return { error, message };
+  return { error, message };
+}
