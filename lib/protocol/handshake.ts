@@ -196,7 +196,7 @@ export function encodeServerReply(name: string, description = ''): Buffer {
 
 export function parseServerReply(data: Buffer): { name: string; description: string } | undefined {
   const name = readString32(data, 0, data.length);
-  if (name === undefined) return undefined;
+  if (name === undefined || data.length - name.next > MAX_STRING_LENGTH) return undefined;
   return { name: name.value, description: data.toString('utf8', name.next) };
 }
 

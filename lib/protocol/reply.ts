@@ -12,6 +12,7 @@ import {
   NBD_REPLY_TYPE_OFFSET_HOLE,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
+  MAX_STRING_LENGTH,
   SIMPLE_REPLY_SIZE,
   STRUCTURED_REPLY_HEADER_SIZE,
 } from './constants';
@@ -35,7 +36,8 @@ function writeChunkHeader(b: Buffer, off: number, cookie: bigint, flags: number,
   b.writeUInt16BE(flags, off + 4);
   b.writeUInt16BE(type, off + 6);
   b.writeBigUInt64BE(cookie, off + 8);
-  b.writeUInt32BE(length >>> 0, off + 16);
+  // No `>>> 0`: a length past 2^32-1 (e.g. an unsplit 4 GiB read) must throw, not wrap and desync the stream.
+  b.writeUInt32BE(length, off + 16);
 }
 
 /** A bare structured chunk header (20 bytes). */
@@ -83,9 +85,13 @@ export function encodeBlockStatus(cookie: bigint, flags: number, contextId: numb
   return b;
 }
 
-/** A complete ERROR chunk (with DONE unless flags say otherwise); the message is cut to fit 16 bits. */
+/** A complete ERROR chunk (with DONE unless flags say otherwise); the message is cut to the 4096-byte limit. */
 export function encodeErrorChunk(cookie: bigint, flags: number, error: number, message = ''): Buffer {
-  const msg = Buffer.from(message, 'utf8').subarray(0, 4096);
+  const full = Buffer.from(message, 'utf8');
+  let cut = Math.min(full.length, MAX_STRING_LENGTH);
+  // Cut on a character boundary: never before a UTF-8 continuation byte (10xxxxxx).
+  while (cut < full.length && cut > 0 && (full[cut]! & 0xc0) === 0x80) cut--;
+  const msg = full.subarray(0, cut);
   const len = 6 + msg.length;
   const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + len);
   writeChunkHeader(b, 0, cookie, flags, NBD_REPLY_TYPE_ERROR, len);
@@ -142,7 +148,9 @@ export function parseBlockStatus(payload: Buffer): { contextId: number; extents:
   if (payload.length < 12 || (payload.length - 4) % 8 !== 0) return undefined;
   const extents: Extent[] = [];
   for (let p = 4; p < payload.length; p += 8) {
-    extents.push({ length: payload.readUInt32BE(p), flags: payload.readUInt32BE(p + 4) });
+    const length = payload.readUInt32BE(p);
+    if (length === 0) return undefined; // the spec: extent length MUST be nonzero
+    extents.push({ length, flags: payload.readUInt32BE(p + 4) });
   }
   return { contextId: payload.readUInt32BE(0), extents };
 }
@@ -152,12 +160,13 @@ export function parseErrorChunk(type: number, payload: Buffer): { error: number;
   if (payload.length < 6) return undefined;
   const error = payload.readUInt32BE(0);
   const msgLen = payload.readUInt16BE(4);
-  if (6 + msgLen > payload.length) return undefined;
+  if (msgLen > MAX_STRING_LENGTH || 6 + msgLen > payload.length) return undefined;
   const message = payload.toString('utf8', 6, 6 + msgLen);
   if (type === NBD_REPLY_TYPE_ERROR_OFFSET) {
     if (payload.length !== 6 + msgLen + 8) return undefined;
     return { error, message, offset: Number(payload.readBigUInt64BE(6 + msgLen)) };
   }
-  if (type === NBD_REPLY_TYPE_ERROR) return { error, message };
+  // ERROR has no fields after the message; other (unknown) error types may have some.
+  if (type === NBD_REPLY_TYPE_ERROR && payload.length !== 6 + msgLen) return undefined;
   return { error, message };
 }

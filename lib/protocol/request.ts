@@ -39,6 +39,6 @@ export function encodeRequest(req: Request, target: Buffer = Buffer.allocUnsafe(
   target.writeBigUInt64BE(req.cookie, off + 8);
   target.writeUInt32BE(Math.floor(req.offset / 0x1_0000_0000), off + 16);
   target.writeUInt32BE(req.offset % 0x1_0000_0000, off + 20);
-  target.writeUInt32BE(req.length >>> 0, off + 24);
+  target.writeUInt32BE(req.length, off + 24); // no `>>> 0`: a length past 2^32-1 throws rather than wraps
   return target;
 }

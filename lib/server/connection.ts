@@ -1,0 +1,492 @@
+// One client connection: handshake, then transmission with many requests in flight and replies sent in
+// completion order. Memory is bounded by pausing the socket (in-flight requests and bytes, queued replies).
+// Lifecycle: HANDSHAKE → TRANSMISSION → FINISHING (DISC, socket closed, or server stopping: in-flight
+// requests complete, written data is flushed) → CLOSED.
+
+import type { Socket } from 'node:net';
+import {
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_ENOTSUP,
+  NBD_FLAG_C_FIXED_NEWSTYLE,
+  NBD_FLAG_C_NO_ZEROES,
+  NBD_FLAG_FIXED_NEWSTYLE,
+  NBD_FLAG_NO_ZEROES,
+  NBD_REPLY_FLAG_DONE,
+  NBD_STATE_HOLE,
+  OPTION_HEADER_SIZE,
+  REQUEST_SIZE,
+  nameOfCmd,
+  nameOfOpt,
+} from '../protocol/constants';
+import { FrameReader } from '../protocol/frame-reader';
+import { decodeClientFlags, decodeOptionHeader, encodeGreeting } from '../protocol/handshake';
+import {
+  encodeBlockStatus,
+  encodeErrorChunk,
+  encodeNoneChunk,
+  encodeOffsetDataHeader,
+  encodeOffsetHole,
+  encodeSimpleReply,
+  type Extent,
+} from '../protocol/reply';
+import { decodeRequest, type Request } from '../protocol/request';
+import { type NbdmirrorError, ProtocolError, ShutdownError, toNbdErrno } from '../errors';
+import type { Logger } from '../log';
+import type { BlockDevice } from '../storage/block-device';
+import type { ExportRegistry } from './exports';
+import {
+  BASE_ALLOCATION_ID,
+  type HandshakeState,
+  handleOption,
+  initialHandshakeState,
+  MAX_OPTION_LENGTH,
+  type Negotiated,
+  tooBigReply,
+} from './negotiate';
+import { type ValidateContext, validateRequest } from './validate';
+
+/** A client must finish the handshake within this many ms (a slow or idle handshake holds a slot). */
+export const HANDSHAKE_TIMEOUT_MS = 30_000;
+/** Requests in flight per connection before we stop reading from the socket. */
+export const MAX_IN_FLIGHT_REQUESTS = 256;
+/** Payload bytes (write data held + read buffers) in flight per connection before we stop reading. */
+export const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/** Reply bytes queued in the socket (client not reading) before we stop reading requests. */
+export const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
+/** On server stop, how long an idle connection is kept (answering ESHUTDOWN) so the client can DISC. */
+export const SHUTDOWN_GRACE_MS = 1000;
+
+const KNOWN_CLIENT_FLAGS = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
+
+type Phase = 'flags' | 'options' | 'transmission' | 'finishing' | 'closed';
+
+export interface ConnectionDeps {
+  exports: ExportRegistry;
+  log: Logger;
+}
+
+export class Connection {
+  private readonly reader = new FrameReader();
+  private phase: Phase = 'flags';
+  private hs: HandshakeState = initialHandshakeState(false);
+  /** Remaining bytes of an oversized option payload being skipped. */
+  private optionSkip: { option: number; length: number; remaining: number } | null = null;
+  private device: BlockDevice | null = null;
+  private vctx: ValidateContext | null = null;
+  private structured = false;
+  private exportName = '';
+  /** A WRITE whose payload is still arriving. */
+  private pendingWrite: { req: Request; buf: Buffer; filled: number } | null = null;
+  /** Bytes of a refused WRITE payload still to discard. */
+  private drainRemaining = 0;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private wrote = false;
+  private shuttingDown = false;
+  private socketClosed = false;
+  private handshakeTimer: NodeJS.Timeout | null;
+  private graceTimer: NodeJS.Timeout | null = null;
+  private graceOver = false;
+  private finishing: Promise<void> | null = null;
+  private resolveClosed!: () => void;
+  /** Resolves when the connection is fully done (in-flight requests answered, data flushed, socket closed). */
+  readonly closed = new Promise<void>((r) => (this.resolveClosed = r));
+  private log: Logger;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly deps: ConnectionDeps,
+  ) {
+    this.log = deps.log;
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('drain', () => this.maybeResume());
+    socket.on('error', (err) => this.log.debug({ err }, 'socket error'));
+    socket.on('close', () => this.onSocketClose());
+    this.handshakeTimer = setTimeout(() => this.abort('handshake timed out'), HANDSHAKE_TIMEOUT_MS);
+    this.handshakeTimer.unref();
+    socket.write(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
+  }
+
+  /** Server is stopping: refuse new work with ESHUTDOWN, finish what is in flight, flush, close. */
+  shutdown(): void {
+    if (this.shuttingDown) return;
+    this.shuttingDown = true;
+    if (this.phase === 'flags' || this.phase === 'options') {
+      // Nothing was exported on this connection yet, so there is nothing to finish.
+      this.abort('server stopping during handshake');
+      return;
+    }
+    this.graceTimer = setTimeout(() => {
+      this.graceOver = true;
+      this.maybeFinish();
+    }, SHUTDOWN_GRACE_MS);
+    this.graceTimer.unref();
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Receive path
+
+  private onData(chunk: Buffer): void {
+    if (this.phase === 'finishing' || this.phase === 'closed') return;
+    this.reader.push(chunk);
+    try {
+      this.process();
+    } catch (err) {
+      if (err instanceof ProtocolError) this.abort(err.message);
+      else {
+        this.log.error({ err }, 'internal error while processing input');
+        this.abort('internal error');
+      }
+    }
+  }
+
+  private process(): void {
+    for (;;) {
+      switch (this.phase) {
+        case 'flags': {
+          const flags = decodeClientFlags(this.reader.peek(4) ?? Buffer.alloc(0));
+          if (flags === null) return;
+          this.reader.consume(4);
+          if ((flags & ~KNOWN_CLIENT_FLAGS) !== 0) return this.abort(`unknown client flags 0x${flags.toString(16)}`);
+          this.hs = initialHandshakeState((flags & NBD_FLAG_C_NO_ZEROES) !== 0);
+          this.phase = 'options';
+          continue;
+        }
+        case 'options':
+          if (!this.processOption()) return;
+          continue;
+        case 'transmission':
+          if (this.paused || !this.processRequest()) return;
+          continue;
+        default:
+          return;
+      }
+    }
+  }
+
+  /** Handle at most one option; false when more input is needed or the handshake ended. */
+  private processOption(): boolean {
+    if (this.optionSkip) {
+      this.optionSkip.remaining -= this.reader.skip(this.optionSkip.remaining);
+      if (this.optionSkip.remaining > 0) return false;
+      const { option, length } = this.optionSkip;
+      this.optionSkip = null;
+      this.hs.options++;
+      this.socket.write(tooBigReply(option, length));
+      return true;
+    }
+    const hb = this.reader.peek(OPTION_HEADER_SIZE);
+    if (hb === null) return false;
+    const hdr = decodeOptionHeader(hb)!;
+    if (hdr.length > MAX_OPTION_LENGTH) {
+      this.reader.consume(OPTION_HEADER_SIZE);
+      this.optionSkip = { option: hdr.option, length: hdr.length, remaining: hdr.length };
+      return true;
+    }
+    if (this.reader.length < OPTION_HEADER_SIZE + hdr.length) return false;
+    this.reader.consume(OPTION_HEADER_SIZE);
+    const data = this.reader.take(hdr.length)!;
+    const out = handleOption(this.hs, hdr.option, data, { exports: this.deps.exports, shuttingDown: this.shuttingDown });
+    this.log.debug({ option: nameOfOpt(hdr.option), next: out.next }, 'option');
+    for (const r of out.replies) this.socket.write(r);
+    if (out.next === 'close') {
+      this.log.info({ reason: out.reason }, 'handshake ended');
+      this.phase = 'closed';
+      this.socket.end();
+      return false;
+    }
+    if (out.next === 'transmit') this.startTransmission(out.negotiated);
+    return true;
+  }
+
+  private startTransmission(n: Negotiated): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.device = n.export.device;
+    this.exportName = n.export.name;
+    this.structured = n.structuredReplies;
+    this.vctx = { size: n.export.device.size, flags: n.flags, structuredReplies: n.structuredReplies, baseAllocation: n.baseAllocation };
+    this.log = this.log.child({ export: n.export.name });
+    this.log.info({ structuredReplies: n.structuredReplies, baseAllocation: n.baseAllocation }, 'transmission started');
+    this.phase = 'transmission';
+  }
+
+  /** Take at most one request (or payload piece) off the input; false when more input is needed. */
+  private processRequest(): boolean {
+    if (this.drainRemaining > 0) {
+      this.drainRemaining -= this.reader.skip(this.drainRemaining);
+      return this.drainRemaining === 0;
+    }
+    const pw = this.pendingWrite;
+    if (pw) {
+      pw.filled += this.reader.readInto(pw.buf, pw.filled, pw.buf.length - pw.filled);
+      if (pw.filled < pw.buf.length) return false;
+      this.pendingWrite = null;
+      this.dispatch(pw.req, pw.buf);
+      return true;
+    }
+    const hb = this.reader.peek(REQUEST_SIZE);
+    if (hb === null) return false;
+    const req = decodeRequest(hb)!; // throws ProtocolError on bad magic → disconnect
+    this.reader.consume(REQUEST_SIZE);
+    this.onRequest(req);
+    return this.phase === 'transmission';
+  }
+
+  private onRequest(req: Request): void {
+    if (req.type === NBD_CMD_DISC) {
+      this.log.debug('client sent DISC');
+      this.phase = 'finishing';
+      this.maybeFinish();
+      return;
+    }
+    let err: NbdmirrorError | null = validateRequest(req, this.vctx!);
+    if (err === null && this.shuttingDown) err = new ShutdownError('server is shutting down');
+    if (req.type === NBD_CMD_WRITE) {
+      if (err !== null) {
+        // A refused write's payload is discarded as it arrives, never buffered.
+        this.drainRemaining = req.length;
+        this.replyError(req, err);
+        return;
+      }
+      if (this.reader.length >= req.length) {
+        this.dispatch(req, this.reader.take(req.length)!);
+      } else {
+        const buf = Buffer.allocUnsafe(req.length);
+        this.pendingWrite = { req, buf, filled: this.reader.readInto(buf, 0, req.length) };
+      }
+      return;
+    }
+    if (err !== null) return this.replyError(req, err);
+    this.dispatch(req, null);
+  }
+
+  private dispatch(req: Request, payload: Buffer | null): void {
+    const bytes = req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE ? req.length : 0;
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+    if (req.type === NBD_CMD_WRITE || req.type === NBD_CMD_TRIM || req.type === NBD_CMD_WRITE_ZEROES) this.wrote = true;
+    this.maybePause();
+    this.execute(req, payload)
+      .catch((err: unknown) => this.replyError(req, err))
+      .finally(() => {
+        this.inFlight--;
+        this.inFlightBytes -= bytes;
+        this.maybeResume();
+        this.maybeFinish();
+      });
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Acting on requests
+
+  /** Run a validated request against the device and send its reply; rejects with the device's error. */
+  private async execute(req: Request, payload: Buffer | null): Promise<void> {
+    const dev = this.device!;
+    const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
+    switch (req.type) {
+      case NBD_CMD_READ:
+        return this.read(dev, req);
+      case NBD_CMD_WRITE:
+        await dev.pwrite(payload!, req.offset, { fua });
+        break;
+      case NBD_CMD_FLUSH:
+        await dev.flush();
+        break;
+      case NBD_CMD_TRIM:
+        if (req.length > 0) await dev.trim(req.offset, req.length, { fua });
+        break;
+      case NBD_CMD_WRITE_ZEROES:
+        if (req.length > 0) {
+          await dev.zero(req.offset, req.length, {
+            fua,
+            mayTrim: (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0,
+            fastZero: (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
+          });
+        }
+        break;
+      case NBD_CMD_CACHE:
+        if (req.length > 0) await dev.cache(req.offset, req.length);
+        break;
+      case NBD_CMD_BLOCK_STATUS:
+        return this.blockStatus(dev, req);
+      default:
+        throw new Error(`execute: unvalidated command ${req.type}`);
+    }
+    this.send([encodeSimpleReply(req.cookie, 0)]);
+  }
+
+  private async read(dev: BlockDevice, req: Request): Promise<void> {
+    const { offset, length, cookie } = req;
+    if (!this.structured) {
+      const buf = Buffer.allocUnsafe(length);
+      if (length > 0) await dev.pread(buf, offset);
+      this.send([encodeSimpleReply(cookie, 0), buf]);
+      return;
+    }
+    if (length === 0) return this.send([encodeNoneChunk(cookie)]);
+    const df = (req.flags & NBD_CMD_FLAG_DF) !== 0;
+    const extents: Extent[] = df || !dev.caps.extents ? [] : await dev.extents(offset, length);
+    const buf = Buffer.allocUnsafe(length);
+    await dev.pread(buf, offset);
+    // Content chunks: holes as OFFSET_HOLE, the rest as OFFSET_DATA; DF gets exactly one data chunk.
+    const parts: Buffer[] = [];
+    let pos = 0;
+    const chunks: Array<{ pos: number; len: number; hole: boolean }> = [];
+    for (const e of extents) {
+      const len = Math.min(e.length, length - pos);
+      if (len <= 0) break;
+      const hole = (e.flags & NBD_STATE_HOLE) !== 0;
+      const prev = chunks[chunks.length - 1];
+      if (prev && prev.hole === hole) prev.len += len;
+      else chunks.push({ pos, len, hole });
+      pos += len;
+    }
+    if (pos < length) {
+      const prev = chunks[chunks.length - 1];
+      if (prev && !prev.hole) prev.len += length - pos;
+      else chunks.push({ pos, len: length - pos, hole: false });
+    }
+    chunks.forEach((c, i) => {
+      const flags = i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+      if (c.hole) parts.push(encodeOffsetHole(cookie, flags, offset + c.pos, c.len));
+      else parts.push(encodeOffsetDataHeader(cookie, flags, offset + c.pos, c.len), buf.subarray(c.pos, c.pos + c.len));
+    });
+    this.send(parts);
+  }
+
+  private async blockStatus(dev: BlockDevice, req: Request): Promise<void> {
+    let extents = await dev.extents(req.offset, req.length);
+    if (extents.length === 0) extents = [{ length: req.length, flags: 0 }];
+    if ((req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0) {
+      const first = extents[0]!;
+      extents = [{ length: Math.min(first.length, req.length), flags: first.flags }];
+    }
+    this.send([encodeBlockStatus(req.cookie, NBD_REPLY_FLAG_DONE, BASE_ALLOCATION_ID, extents)]);
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Replies and flow control
+
+  private replyError(req: Request, err: unknown): void {
+    const errno = toNbdErrno(err);
+    const message = err instanceof Error ? err.message : String(err);
+    const expected = errno === NBD_ENOTSUP && (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0;
+    this.log[expected ? 'debug' : 'warn']({ cmd: nameOfCmd(req.type), offset: req.offset, length: req.length, errno, err: message }, 'request failed');
+    // READ and BLOCK_STATUS must use structured replies once negotiated; other commands may stay simple.
+    if (this.structured && (req.type === NBD_CMD_READ || req.type === NBD_CMD_BLOCK_STATUS)) {
+      this.send([encodeErrorChunk(req.cookie, NBD_REPLY_FLAG_DONE, errno, message)]);
+    } else {
+      this.send([encodeSimpleReply(req.cookie, errno)]);
+    }
+  }
+
+  /** Write one reply's buffers back to back (corked, so header and data leave in one go). */
+  private send(parts: Buffer[]): void {
+    if (this.socketClosed || this.socket.destroyed) return;
+    this.socket.cork();
+    for (const p of parts) this.socket.write(p);
+    this.socket.uncork();
+  }
+
+  private maybePause(): void {
+    if (this.paused) return;
+    if (
+      this.inFlight >= MAX_IN_FLIGHT_REQUESTS ||
+      this.inFlightBytes >= MAX_IN_FLIGHT_BYTES ||
+      this.socket.writableLength >= MAX_QUEUED_REPLY_BYTES
+    ) {
+      this.paused = true;
+      this.socket.pause();
+    }
+  }
+
+  private maybeResume(): void {
+    if (!this.paused) return;
+    if (
+      this.inFlight < MAX_IN_FLIGHT_REQUESTS &&
+      this.inFlightBytes < MAX_IN_FLIGHT_BYTES &&
+      this.socket.writableLength < MAX_QUEUED_REPLY_BYTES
+    ) {
+      this.paused = false;
+      if (this.phase !== 'transmission') return;
+      this.socket.resume();
+      try {
+        this.process();
+      } catch (err) {
+        this.abort(err instanceof Error ? err.message : String(err));
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Ending
+
+  private onSocketClose(): void {
+    this.socketClosed = true;
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    if (this.phase === 'flags' || this.phase === 'options' || this.phase === 'closed') {
+      this.phase = 'closed';
+      this.cleanup();
+      return;
+    }
+    this.phase = 'finishing';
+    this.maybeFinish();
+  }
+
+  /** Once nothing is in flight: flush what this connection wrote (durable on disconnect), then close. */
+  private maybeFinish(): void {
+    if (this.finishing || this.inFlight > 0) return;
+    const stopping = this.shuttingDown && (this.graceOver || this.phase === 'finishing');
+    if (this.phase !== 'finishing' && !stopping) return;
+    this.phase = 'finishing';
+    this.finishing = (async () => {
+      if (this.wrote && this.device) {
+        try {
+          await this.device.flush();
+        } catch (err) {
+          this.log.error({ err }, 'flush on disconnect failed');
+        }
+      }
+      this.log.info('connection closed');
+      this.phase = 'closed';
+      if (!this.socket.destroyed) this.socket.end();
+      this.cleanup();
+    })();
+  }
+
+  /** Drop the connection at once (protocol violation, handshake timeout). */
+  private abort(reason: string): void {
+    this.log.info({ reason, export: this.exportName || undefined }, 'dropping connection');
+    if (this.phase === 'transmission') {
+      // In-flight requests still complete (and are flushed) before the connection counts as closed.
+      this.phase = 'finishing';
+      this.socket.destroy();
+      this.maybeFinish();
+      return;
+    }
+    this.phase = 'closed';
+    this.socket.destroy();
+    this.cleanup();
+  }
+
+  private cleanup(): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    if (this.graceTimer) clearTimeout(this.graceTimer);
+    this.resolveClosed();
+  }
+}

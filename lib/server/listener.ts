@@ -1,0 +1,67 @@
+// The NBD listener: accepts connections (bounded), hands each to a Connection, and stops gracefully:
+// stop accepting, let connections finish in-flight requests and flush, then resolve.
+
+import * as net from 'node:net';
+import type { Address } from '../config';
+import type { Logger } from '../log';
+import { Connection } from './connection';
+import type { ExportRegistry } from './exports';
+
+/** Connections served at once; past this new ones are closed at accept. */
+export const MAX_CONNECTIONS = 1024;
+
+export class NbdServer {
+  private readonly server: net.Server;
+  private readonly connections = new Set<Connection>();
+  private nextId = 1;
+  private stopping: Promise<void> | null = null;
+
+  constructor(
+    private readonly exports: ExportRegistry,
+    private readonly log: Logger,
+  ) {
+    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+  }
+
+  /** Listen on addr (port 0 picks a free port); resolves with the bound address. */
+  listen(addr: Address): Promise<Address> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen({ host: addr.host, port: addr.port, exclusive: true }, () => {
+        this.server.off('error', reject);
+        const a = this.server.address() as net.AddressInfo;
+        resolve({ host: a.address, port: a.port });
+      });
+    });
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.stopping || this.connections.size >= MAX_CONNECTIONS) {
+      this.log.warn({ remote: socket.remoteAddress }, this.stopping ? 'refusing connection: stopping' : 'refusing connection: too many');
+      socket.destroy();
+      return;
+    }
+    const id = this.nextId++;
+    const log = this.log.child({ conn: id });
+    log.info({ remote: `${socket.remoteAddress}:${socket.remotePort}` }, 'connection accepted');
+    const conn = new Connection(socket, { exports: this.exports, log });
+    this.connections.add(conn);
+    void conn.closed.then(() => this.connections.delete(conn));
+  }
+
+  /** Stop accepting; every connection answers new requests with ESHUTDOWN, finishes and flushes. */
+  stop(): Promise<void> {
+    if (this.stopping) return this.stopping;
+    this.stopping = (async () => {
+      const closed = new Promise<void>((r) => this.server.close(() => r()));
+      for (const c of this.connections) c.shutdown();
+      await Promise.all([...this.connections].map((c) => c.closed));
+      await closed;
+    })();
+    return this.stopping;
+  }
+}

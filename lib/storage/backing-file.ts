@@ -1,0 +1,366 @@
+// File-backed BlockDevice: one sparse backing file per export (NAME.img) plus its allocation map (NAME.alloc).
+// The image is locked with flock so that two servers never open it. Deallocation (TRIM, WRITE_ZEROES without
+// NO_HOLE) clears bits in the allocation map; deallocated blocks read as zeros and report as holes.
+//
+// Crash-consistency rules for the map (its writes reach the OS page cache before a request is acknowledged,
+// and are fsync'ed with the image on flush):
+// - a block becomes allocated only after its data is written; a write into a deallocated block first pads
+//   the rest of that block with zeros, so stale bytes of a trimmed block can never reappear;
+// - a block becomes deallocated by clearing its bit, which is written out before the request is acknowledged.
+
+import { promises as fsp, constants as fsc } from 'node:fs';
+import * as path from 'node:path';
+import * as fsext from 'fs-ext';
+import { AllocMap } from './alloc-map';
+import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from './block-device';
+import { Mutex } from './mutex';
+import { LockedError, NotSupportedError, UsageError } from '../errors';
+import type { Logger } from '../log';
+
+/** Allocation granularity (bytes): the page size, which is also the preferred block size we advertise. */
+export const ALLOC_BLOCK_SIZE = 4096;
+/** Zeroing writes go out in pieces of this many bytes (a shared buffer of zeros). */
+const ZERO_CHUNK = 1 << 20;
+/** CACHE prefetches at most this much per request; beyond that it is only a hint. */
+const CACHE_PREFETCH_MAX = 32 << 20;
+
+// NAME.alloc format. Bump ALLOC_VERSION on any layout change.
+const ALLOC_MAGIC = Buffer.from('NBDMALOC');
+const ALLOC_VERSION = 1;
+/** magic(8) version(4) blockSize(4) size(8) reserved(8), then the bitmap. */
+const ALLOC_HEADER = 32;
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+
+export interface BackingFileOptions {
+  dir: string;
+  name: string;
+  size: number;
+  readOnly: boolean;
+  log: Logger;
+}
+
+export class BackingFile implements BlockDevice {
+  readonly caps: Capabilities;
+  private readonly zeros = Buffer.alloc(ZERO_CHUNK);
+  /** Serialises writes that allocate blocks (their zero padding must not race with other writes). */
+  private readonly allocLock = new Mutex();
+  /** Something was written since the last completed sync. */
+  private dirty = false;
+  private syncing: Promise<void> | null = null;
+  private closed = false;
+
+  private constructor(
+    readonly name: string,
+    readonly size: number,
+    private readonly img: fsp.FileHandle,
+    private readonly mapFile: fsp.FileHandle,
+    private readonly map: AllocMap,
+    readOnly: boolean,
+  ) {
+    this.caps = {
+      readOnly,
+      flush: true,
+      fua: true,
+      trim: true,
+      zero: true,
+      fastZero: true,
+      cache: true,
+      multiConn: true,
+      extents: true,
+    };
+  }
+
+  /** Open (creating at `size` if absent) and lock NAME.img in dir. */
+  static async open(opts: BackingFileOptions): Promise<BackingFile> {
+    const imgPath = path.join(opts.dir, `${opts.name}.img`);
+    const mapPath = path.join(opts.dir, `${opts.name}.alloc`);
+    const img = await fsp.open(imgPath, fsc.O_RDWR | fsc.O_CREAT, 0o600);
+    let mapFile: fsp.FileHandle | undefined;
+    try {
+      lockExclusive(img.fd, imgPath);
+      const st = await img.stat();
+      let created = false;
+      if (st.size === 0) {
+        await img.truncate(opts.size);
+        created = true;
+      } else if (st.size !== opts.size) {
+        throw new UsageError(
+          `export ${opts.name}: ${imgPath} holds ${st.size} bytes but the export is configured as ${opts.size}; ` +
+            'resizing is not supported',
+        );
+      }
+      mapFile = await fsp.open(mapPath, fsc.O_RDWR | fsc.O_CREAT, 0o600);
+      const map = await loadOrBuildMap(mapFile, img.fd, opts.size, created, opts.log);
+      opts.log.info({ export: opts.name, path: imgPath, size: opts.size, created }, 'backing file open');
+      return new BackingFile(opts.name, opts.size, img, mapFile, map, opts.readOnly);
+    } catch (err) {
+      await mapFile?.close();
+      await img.close();
+      throw err;
+    }
+  }
+
+  async pread(buf: Buffer, offset: number): Promise<void> {
+    const extents = this.map.extents(offset, buf.length, Number.MAX_SAFE_INTEGER);
+    let pos = 0;
+    for (const e of extents) {
+      if (e.flags === 0) await readFully(this.img, buf, pos, e.length, offset + pos);
+      else buf.fill(0, pos, pos + e.length);
+      pos += e.length;
+    }
+  }
+
+  async pwrite(buf: Buffer, offset: number, flags: WriteFlags = {}): Promise<void> {
+    await this.writeRange(buf, offset);
+    if (flags.fua) await this.flush();
+  }
+
+  async trim(offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+    // Only whole blocks can be deallocated; a trim is advisory, so partial blocks are left alone.
+    const first = Math.ceil(offset / ALLOC_BLOCK_SIZE);
+    const endBlock = this.wholeBlockEnd(offset + length);
+    if (endBlock > first) await this.deallocate(first, endBlock - 1);
+    if (flags.fua) await this.flush();
+  }
+
+  async zero(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    if (!flags.mayTrim) {
+      // NO_HOLE: the zeros must be written as data, which is never fast.
+      if (flags.fastZero) throw new NotSupportedError('zeroing without deallocation is not fast');
+      await this.writeZeros(offset, length);
+    } else {
+      const first = Math.ceil(offset / ALLOC_BLOCK_SIZE);
+      const endBlock = this.wholeBlockEnd(offset + length);
+      if (endBlock > first) {
+        await this.deallocate(first, endBlock - 1);
+        await this.zeroPartial(offset, first * ALLOC_BLOCK_SIZE - offset);
+        const tail = endBlock * ALLOC_BLOCK_SIZE;
+        await this.zeroPartial(tail, offset + length - tail);
+      } else {
+        await this.zeroPartial(offset, length);
+      }
+    }
+    if (flags.fua) await this.flush();
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    // Pull the start of the range into the OS page cache; past CACHE_PREFETCH_MAX the hint is ignored.
+    const n = Math.min(length, CACHE_PREFETCH_MAX);
+    const scratch = Buffer.allocUnsafe(Math.min(n, ZERO_CHUNK));
+    for (let pos = 0; pos < n; pos += scratch.length) {
+      await this.pread(scratch.subarray(0, Math.min(scratch.length, n - pos)), offset + pos);
+    }
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    return this.map.extents(offset, length);
+  }
+
+  /** fdatasync the image and the map. Waits for a sync already under way when nothing new was written. */
+  async flush(): Promise<void> {
+    while (this.dirty || this.syncing) {
+      if (this.syncing) {
+        await this.syncing;
+        continue;
+      }
+      this.dirty = false;
+      this.syncing = Promise.all([this.img.datasync(), this.mapFile.datasync()]).then(() => undefined);
+      try {
+        await this.syncing;
+      } catch (err) {
+        this.dirty = true;
+        throw err;
+      } finally {
+        this.syncing = null;
+      }
+      return;
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await this.flush();
+    } finally {
+      await this.mapFile.close();
+      await this.img.close(); // closing the fd releases the flock
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------------------
+
+  /** One past the last whole block ending at or before end (the export's tail block counts as whole). */
+  private wholeBlockEnd(end: number): number {
+    return end >= this.size ? this.map.blocks : Math.floor(end / ALLOC_BLOCK_SIZE);
+  }
+
+  /** Zero a range inside one or two edge blocks; a deallocated block already reads as zeros. */
+  private async zeroPartial(offset: number, length: number): Promise<void> {
+    if (length <= 0) return;
+    const first = Math.floor(offset / ALLOC_BLOCK_SIZE);
+    const last = Math.floor((offset + length - 1) / ALLOC_BLOCK_SIZE);
+    for (let b = first; b <= last; b++) {
+      if (!this.map.get(b)) continue;
+      const start = Math.max(offset, b * ALLOC_BLOCK_SIZE);
+      const end = Math.min(offset + length, (b + 1) * ALLOC_BLOCK_SIZE);
+      await this.writeRange(this.zeros.subarray(0, end - start), start);
+    }
+  }
+
+  private async writeZeros(offset: number, length: number): Promise<void> {
+    for (let pos = 0; pos < length; pos += ZERO_CHUNK) {
+      const n = Math.min(ZERO_CHUNK, length - pos);
+      await this.writeRange(this.zeros.subarray(0, n), offset + pos);
+    }
+  }
+
+  private async writeRange(buf: Buffer, offset: number): Promise<void> {
+    if (buf.length === 0) return;
+    const first = Math.floor(offset / ALLOC_BLOCK_SIZE);
+    const last = Math.floor((offset + buf.length - 1) / ALLOC_BLOCK_SIZE);
+    this.dirty = true;
+    if (this.map.allSet(first, last)) {
+      await writeFully(this.img, buf, offset);
+      this.dirty = true;
+      return;
+    }
+    await this.allocLock.run(async () => {
+      // Re-check under the lock: another write may have allocated these blocks meanwhile.
+      let start = offset;
+      let end = offset + buf.length;
+      if (!this.map.get(first)) start = first * ALLOC_BLOCK_SIZE;
+      if (!this.map.get(last)) end = Math.min((last + 1) * ALLOC_BLOCK_SIZE, this.size);
+      if (start === offset && end === offset + buf.length) {
+        await writeFully(this.img, buf, offset);
+      } else {
+        // Pad the deallocated edge blocks with zeros so no stale bytes of a trimmed block survive.
+        const padded = Buffer.alloc(end - start);
+        buf.copy(padded, offset - start);
+        await writeFully(this.img, padded, start);
+      }
+      this.dirty = true;
+      await this.persistMap(this.map.setRange(first, last, true));
+    });
+  }
+
+  private async deallocate(first: number, last: number): Promise<void> {
+    this.dirty = true;
+    await this.persistMap(this.map.setRange(first, last, false));
+  }
+
+  private async persistMap(range: { start: number; end: number } | null): Promise<void> {
+    if (range === null) return;
+    // The live bitmap is written as it is when the syscall runs, which includes this change.
+    await writeFully(this.mapFile, Buffer.from(this.map.bits.buffer, this.map.bits.byteOffset + range.start, range.end - range.start), ALLOC_HEADER + range.start);
+    this.dirty = true;
+  }
+}
+
+function lockExclusive(fd: number, what: string): void {
+  try {
+    fsext.flockSync(fd, 'exnb');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EAGAIN' || code === 'EWOULDBLOCK') {
+      throw new LockedError(`${what} is locked by another process (is another nbdmirror-server using this data dir?)`);
+    }
+    throw err;
+  }
+}
+
+/** Lock a data directory for this process: DIR/.lock, held until the process exits. */
+export async function lockDataDir(dir: string): Promise<fsp.FileHandle> {
+  await fsp.mkdir(dir, { recursive: true });
+  const lockPath = path.join(dir, '.lock');
+  const fh = await fsp.open(lockPath, fsc.O_RDWR | fsc.O_CREAT, 0o600);
+  try {
+    lockExclusive(fh.fd, `data dir ${dir}`);
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+  await fh.truncate(0);
+  await fh.write(`${process.pid}\n`, 0);
+  return fh;
+}
+
+/** Refuse an export that cannot fit on its filesystem at all; warn when free space is short of its size. */
+export function checkCapacity(dir: string, size: number, name: string, log: Logger): void {
+  const st = fsext.statVFS(dir) as { f_frsize: number; f_bsize: number; f_blocks: number; f_bavail: number };
+  const unit = st.f_frsize || st.f_bsize;
+  const total = st.f_blocks * unit;
+  const avail = st.f_bavail * unit;
+  if (size > total) {
+    throw new UsageError(`export ${name}: ${size} bytes cannot fit on the filesystem of ${dir} (${total} bytes)`);
+  }
+  if (size > avail) log.warn({ export: name, size, available: avail }, 'export is larger than the free space in the data dir');
+}
+
+async function readFully(fh: fsp.FileHandle, buf: Buffer, off: number, len: number, pos: number): Promise<void> {
+  while (len > 0) {
+    const { bytesRead } = await fh.read(buf, off, len, pos);
+    if (bytesRead === 0) {
+      // Past EOF of a sparse file reads as zeros (cannot happen while the file keeps its size).
+      buf.fill(0, off, off + len);
+      return;
+    }
+    off += bytesRead;
+    pos += bytesRead;
+    len -= bytesRead;
+  }
+}
+
+async function writeFully(fh: fsp.FileHandle, buf: Buffer, pos: number): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesWritten } = await fh.write(buf, off, buf.length - off, pos + off);
+    off += bytesWritten;
+  }
+}
+
+async function loadOrBuildMap(fh: fsp.FileHandle, imgFd: number, size: number, created: boolean, log: Logger): Promise<AllocMap> {
+  const map = new AllocMap(size, ALLOC_BLOCK_SIZE);
+  const expectLen = ALLOC_HEADER + map.bits.length;
+  const st = await fh.stat();
+  if (!created && st.size === expectLen) {
+    const header = Buffer.alloc(ALLOC_HEADER);
+    await fh.read(header, 0, ALLOC_HEADER, 0);
+    if (
+      header.subarray(0, 8).equals(ALLOC_MAGIC) &&
+      header.readUInt32BE(8) === ALLOC_VERSION &&
+      header.readUInt32BE(12) === ALLOC_BLOCK_SIZE &&
+      Number(header.readBigUInt64BE(16)) === size
+    ) {
+      await fh.read(map.bits, 0, map.bits.length, ALLOC_HEADER);
+      return map;
+    }
+  }
+  if (!created) log.warn({ size }, 'allocation map missing or invalid: rebuilding it from the backing file');
+  // Rebuild from the file's own holes (SEEK_DATA/SEEK_HOLE); what the file holds as data stays data.
+  let pos = 0;
+  while (pos < size) {
+    let data: number;
+    try {
+      data = fsext.seekSync(imgFd, pos, SEEK_DATA);
+    } catch {
+      break; // ENXIO: no data past pos
+    }
+    if (data >= size) break;
+    const hole = Math.min(fsext.seekSync(imgFd, data, SEEK_HOLE), size);
+    map.setRange(Math.floor(data / ALLOC_BLOCK_SIZE), Math.floor((hole - 1) / ALLOC_BLOCK_SIZE), true);
+    pos = hole;
+  }
+  const header = Buffer.alloc(ALLOC_HEADER);
+  ALLOC_MAGIC.copy(header, 0);
+  header.writeUInt32BE(ALLOC_VERSION, 8);
+  header.writeUInt32BE(ALLOC_BLOCK_SIZE, 12);
+  header.writeBigUInt64BE(BigInt(size), 16);
+  await fh.truncate(0);
+  await writeFully(fh, header, 0);
+  await writeFully(fh, Buffer.from(map.bits.buffer, map.bits.byteOffset, map.bits.length), ALLOC_HEADER);
+  await fh.datasync();
+  return map;
+}

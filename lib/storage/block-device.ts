@@ -1,0 +1,62 @@
+// The one interface every storage layer implements, so layers stack like nbdkit filters: backing file today,
+// pmem region, writeback, read cache, tracking and the mirror later. Ranges passed in are already validated
+// by the protocol layer (inside the export, within size limits); layers may assert but need not re-check.
+
+import type { Extent } from '../protocol/reply';
+
+export type { Extent };
+
+export interface Capabilities {
+  readOnly: boolean;
+  /** FLUSH is meaningful (data can be made durable). */
+  flush: boolean;
+  /** FUA on writes is honoured. */
+  fua: boolean;
+  trim: boolean;
+  zero: boolean;
+  /** zero() with fastZero can succeed (fails with NotSupportedError when it would be slow). */
+  fastZero: boolean;
+  cache: boolean;
+  /** Several connections may share the device and a flush on one covers writes completed on all. */
+  multiConn: boolean;
+  /** extents() reports real allocation (otherwise everything is data). */
+  extents: boolean;
+}
+
+export interface WriteFlags {
+  /** Force unit access: durable before the promise resolves. */
+  fua?: boolean;
+}
+
+export interface ZeroFlags extends WriteFlags {
+  /** The range may be deallocated (no NO_HOLE flag from the client). */
+  mayTrim?: boolean;
+  /** Fail with NotSupportedError rather than do a slow zeroing. */
+  fastZero?: boolean;
+}
+
+/**
+ * Contract of every method: offset/length lie inside [0, size); the promise resolves when the operation is
+ * done to this layer's guarantee, or rejects with an NbdmirrorError (or a Node system error, mapped by
+ * toNbdErrno). Buffers passed to pwrite are owned by the device until the promise settles.
+ */
+export interface BlockDevice {
+  readonly size: number;
+  readonly caps: Capabilities;
+  /** Fill buf with the bytes at offset (buf.length bytes). */
+  pread(buf: Buffer, offset: number): Promise<void>;
+  pwrite(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;
+  /** Make every write completed before this call durable (on all connections). */
+  flush(): Promise<void>;
+  trim(offset: number, length: number, flags?: WriteFlags): Promise<void>;
+  /** After success the range reads as zeros. */
+  zero(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
+  /** Advisory prefetch. */
+  cache(offset: number, length: number): Promise<void>;
+  /**
+   * base:allocation extents starting exactly at offset, contiguous, summing to at most length and at least
+   * covering the first byte. flags use NBD_STATE_HOLE / NBD_STATE_ZERO.
+   */
+  extents(offset: number, length: number): Promise<Extent[]>;
+  close(): Promise<void>;
+}
