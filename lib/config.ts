@@ -85,12 +85,18 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Loa
   } finally {
     process.env = saved;
   }
+  // commander sets a boolean flag to true when its variable exists, whatever the value; take the value itself
+  // so that NBDMIRROR_READ_ONLY=0/false means false (parseBool below checks it).
+  if (cmd.getOptionValueSource('readOnly') === 'env') cmd.setOptionValueWithSource('readOnly', env.NBDMIRROR_READ_ONLY, 'env');
   const opts = cmd.opts<Record<string, unknown>>();
   const configFile = typeof opts.config === 'string' ? opts.config : null;
   if (configFile !== null) applyConfigFile(cmd, configFile);
   const o = cmd.opts<Record<string, unknown>>();
   const readOnly = parseBool(o.readOnly, 'read-only');
   const exportsList = ((o.export as string[] | undefined) ?? [DEFAULTS.export]).map(parseExport);
+  // An empty NBDMIRROR_EXPORT, "--export ," or "export": [] leaves nothing to serve.
+  if (exportsList.length === 0) throw new UsageError('no export given: use --export NAME=SIZE, e.g. disk0=1G');
+  if (String(o.dataDir) === '') throw new UsageError('--data-dir must not be empty');
   const seen = new Set<string>();
   for (const e of exportsList) {
     if (seen.has(e.name)) throw new UsageError(`export "${e.name}" is given twice`);

@@ -125,9 +125,9 @@ export class Connection {
   shutdown(): void {
     if (this.shuttingDown) return;
     this.shuttingDown = true;
-    if (this.phase === 'flags' || this.phase === 'options') {
-      // Nothing was exported on this connection yet, so there is nothing to finish.
-      this.abort('server stopping during handshake');
+    if (this.phase === 'flags' || this.phase === 'options' || this.phase === 'closed') {
+      // Nothing was exported on this connection (or it already ended), so there is nothing to finish.
+      this.abort('server stopping');
       return;
     }
     this.graceTimer = setTimeout(() => {
