@@ -233,6 +233,8 @@ export class BackingFile implements BlockDevice {
       let end = offset + buf.length;
       if (!this.map.get(first)) start = first * ALLOC_BLOCK_SIZE;
       if (!this.map.get(last)) end = Math.min((last + 1) * ALLOC_BLOCK_SIZE, this.size);
+      // Decided before our data lands: afterwards every block in the range holds data.
+      const stale = this.holdsStaleBytes(first, last);
       if (start === offset && end === offset + buf.length) {
         await writeFully(this.img, buf, offset);
       } else {
@@ -242,8 +244,30 @@ export class BackingFile implements BlockDevice {
         await writeFully(this.img, padded, start);
       }
       this.dirty = true;
+      // A deallocated block that still holds old bytes must not be marked allocated on disk before its new
+      // contents are: after a power loss the old bytes would reappear where zeros were flushed. Blocks that
+      // are holes in the file read as zeros either way and need no such ordering.
+      if (stale) await this.img.datasync();
       await this.persistMap(this.map.setRange(first, last, true));
     });
+  }
+
+  /** True if some deallocated block in [first, last] still has bytes in the image (it was trimmed, not a hole). */
+  private holdsStaleBytes(first: number, last: number): boolean {
+    for (let b = first; b <= last; b++) {
+      if (this.map.get(b)) continue;
+      let runEnd = b;
+      while (runEnd < last && !this.map.get(runEnd + 1)) runEnd++;
+      const from = b * ALLOC_BLOCK_SIZE;
+      try {
+        const data = fsext.seekSync(this.img.fd, from, SEEK_DATA);
+        if (data < Math.min((runEnd + 1) * ALLOC_BLOCK_SIZE, this.size)) return true;
+      } catch {
+        return false; // ENXIO: no data at or after `from`
+      }
+      b = runEnd;
+    }
+    return false;
   }
 
   private async deallocate(first: number, last: number): Promise<void> {

@@ -568,3 +568,28 @@ t.test('random operations against a Buffer model (seeded, 2000 ops, reopen halfw
   const last = await open(t, dir, size);
   t.ok((await read(last, 0, size)).equals(model), 'the image matches the model after a final reopen');
 });
+
+t.test('allocating a trimmed block that still holds old bytes syncs its data before the map bit', async (t) => {
+  const dir = t.testdir();
+  const dev = await open(t, dir, 1 << 20);
+  // White box: count the image's fdatasync calls (the handle is private).
+  const img = (dev as unknown as { img: { datasync: () => Promise<void> } }).img;
+  const realSync = img.datasync.bind(img);
+  let syncs = 0;
+  img.datasync = async (): Promise<void> => {
+    syncs++;
+    await realSync();
+  };
+  await dev.pwrite(Buffer.alloc(4096, 0x77), 0);
+  await dev.trim(0, 4096);
+  syncs = 0;
+  await dev.pwrite(Buffer.alloc(512, 0x11), 1024);
+  t.equal(syncs, 1, 'stale block: data synced before the map says allocated');
+  t.ok((await read(dev, 0, 4096)).equals(Buffer.concat([Buffer.alloc(1024), Buffer.alloc(512, 0x11), Buffer.alloc(2560)])));
+  syncs = 0;
+  await dev.pwrite(Buffer.alloc(512, 0x22), 100 * 4096 + 7);
+  if (fsReportsHoles(dir)) t.equal(syncs, 0, 'a block that is a hole in the file needs no sync');
+  else t.pass('filesystem does not report holes: every deallocated block counts as stale');
+  img.datasync = realSync;
+  await dev.close();
+});
