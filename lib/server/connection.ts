@@ -89,8 +89,8 @@ export class Connection {
   private exportName = '';
   /** A WRITE whose payload is still arriving. */
   private pendingWrite: { req: Request; buf: Buffer; filled: number } | null = null;
-  /** Bytes of a refused WRITE payload still to discard. */
-  private drainRemaining = 0;
+  /** A refused WRITE whose payload is being discarded; its error reply goes out once the payload is read. */
+  private draining: { req: Request; err: NbdmirrorError; remaining: number } | null = null;
   private inFlight = 0;
   private inFlightBytes = 0;
   private paused = false;
@@ -227,9 +227,14 @@ export class Connection {
 
   /** Take at most one request (or payload piece) off the input; false when more input is needed. */
   private processRequest(): boolean {
-    if (this.drainRemaining > 0) {
-      this.drainRemaining -= this.reader.skip(this.drainRemaining);
-      return this.drainRemaining === 0;
+    const dr = this.draining;
+    if (dr) {
+      dr.remaining -= this.reader.skip(dr.remaining);
+      if (dr.remaining > 0) return false;
+      this.draining = null;
+      // Replying only now: clients (libnbd) treat a reply to a request they are still sending as a bug.
+      this.replyError(dr.req, dr.err);
+      return true;
     }
     const pw = this.pendingWrite;
     if (pw) {
@@ -259,8 +264,7 @@ export class Connection {
     if (req.type === NBD_CMD_WRITE) {
       if (err !== null) {
         // A refused write's payload is discarded as it arrives, never buffered.
-        this.drainRemaining = req.length;
-        this.replyError(req, err);
+        this.draining = { req, err, remaining: req.length };
         return;
       }
       if (this.reader.length >= req.length) {

@@ -90,7 +90,9 @@ export function run(cmd: string, args: readonly string[], opts: RunOptions = {})
 export function describe(r: RunResult, maxChars = 4000): string {
   const clip = (s: string): string => (s.length > maxChars ? `${s.slice(0, maxChars / 2)}\n…\n${s.slice(-maxChars / 2)}` : s);
   const how = r.timedOut ? `timed out after ${r.ms} ms` : r.signal !== null ? `killed by ${r.signal}` : `exit ${r.code}`;
-  return `$ ${r.cmd} ${r.args.join(' ')}\n(${how}, ${r.ms} ms)\n--- stdout\n${clip(r.stdout)}\n--- stderr\n${clip(r.stderr)}`;
+  // Long arguments (inline scripts) are shortened so the output stays readable.
+  const args = r.args.map((a) => (a.length > 200 ? `${a.slice(0, 60).replace(/\s+/g, ' ')}…[${a.length} chars]` : a));
+  return `$ ${r.cmd} ${args.join(' ')}\n(${how}, ${r.ms} ms)\n--- stdout\n${clip(r.stdout)}\n--- stderr\n${clip(r.stderr)}`;
 }
 
 /** sha256 (hex) of a file's contents, streamed. */

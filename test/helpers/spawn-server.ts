@@ -26,6 +26,18 @@ export interface TapLike {
 
 const madeTestdir = new WeakSet<object>();
 
+/** Servers still running. If the test process exits without its teardowns (e.g. a crash), kill them. */
+const live = new Set<number>();
+process.on('exit', () => {
+  for (const pid of live) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+});
+
 /**
  * The test's fixture directory, created once. t.testdir() wipes the directory on every call, so black-box
  * tests call this instead (it never wipes what an earlier call, or a running server, put there).
@@ -48,6 +60,10 @@ export interface StartOptions {
   dataDir?: string;
   /** Extra environment for the server (merged over process.env). */
   env?: NodeJS.ProcessEnv;
+  /** Working directory of the server process (default: the test's). */
+  cwd?: string;
+  /** Pass args exactly as given: no --listen/--http/--data-dir defaults (to test the server's own defaults). */
+  bare?: boolean;
 }
 
 export interface ExitStatus {
@@ -66,10 +82,17 @@ export interface ServerProcess {
   stop(): Promise<ExitStatus>;
   /** SIGKILL and wait for the exit. */
   kill(): Promise<void>;
+  /** Wait for the process to exit by itself (after a signal the test sent); rejects after ms. */
+  waitExit(ms?: number): Promise<ExitStatus>;
   /** Everything the server printed so far (stdout and stderr interleaved, bounded). */
   logs(): string;
   /** The last n lines of logs(), for assertion messages. */
   logTail(n?: number): string;
+  /**
+   * Wait (bounded, default 5 s) until the logs match: the server logs asynchronously, so a line about a
+   * client that has already exited may arrive a little later. Resolves false on timeout.
+   */
+  waitForLog(match: RegExp | ((logs: string) => boolean), ms?: number): Promise<boolean>;
   readonly exited: boolean;
 }
 
@@ -94,10 +117,13 @@ export async function startServer(t: TapLike, opts: StartOptions = {}): Promise<
   if (!existsSync(SERVER_JS)) throw new Error(`${SERVER_JS} is missing: run \`npx tsc -p .\` before the black-box tests`);
   const extra = opts.args ?? [];
   const args: string[] = [SERVER_JS];
-  if (flagValue(extra, '--listen') === undefined) args.push('--listen', '127.0.0.1:0');
-  if (flagValue(extra, '--http') === undefined) args.push('--http', '127.0.0.1:0');
+  const bare = opts.bare === true;
+  if (!bare && flagValue(extra, '--listen') === undefined) args.push('--listen', '127.0.0.1:0');
+  if (!bare && flagValue(extra, '--http') === undefined) args.push('--http', '127.0.0.1:0');
   let dataDir = flagValue(extra, '--data-dir');
-  if (dataDir === undefined) {
+  if (bare) {
+    dataDir ??= opts.dataDir ?? path.resolve(opts.cwd ?? process.cwd(), 'data');
+  } else if (dataDir === undefined) {
     dataDir = opts.dataDir ?? freshDir(t, 'data');
     mkdirSync(dataDir, { recursive: true });
     args.push('--data-dir', dataDir);
@@ -106,6 +132,7 @@ export async function startServer(t: TapLike, opts: StartOptions = {}): Promise<
 
   const child: ChildProcess = spawn(process.execPath, args, {
     env: { ...process.env, ...opts.env },
+    cwd: opts.cwd,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const pid = child.pid;
@@ -114,6 +141,7 @@ export async function startServer(t: TapLike, opts: StartOptions = {}): Promise<
     throw new Error(`cannot spawn the server: ${err.message}`);
   }
 
+  live.add(pid);
   let output = '';
   const append = (s: string): void => {
     output += s;
@@ -122,6 +150,7 @@ export async function startServer(t: TapLike, opts: StartOptions = {}): Promise<
   let status: ExitStatus | null = null;
   const exited = new Promise<ExitStatus>((resolve) => {
     child.once('exit', (code, signal) => {
+      live.delete(pid);
       status = { code, signal };
       resolve(status);
     });
@@ -218,8 +247,22 @@ export async function startServer(t: TapLike, opts: StartOptions = {}): Promise<
       signal('SIGKILL');
       await waitExit(10_000);
     },
+    async waitExit(ms = STOP_TIMEOUT_MS) {
+      const s = await waitExit(ms);
+      if (s === null) throw new Error(`server pid ${pid} did not exit within ${ms} ms\n${logTail(60)}`);
+      return s;
+    },
     logs,
     logTail,
+    async waitForLog(match, ms = 5000) {
+      const test = typeof match === 'function' ? match : (s: string) => match.test(s);
+      const deadline = Date.now() + ms;
+      for (;;) {
+        if (test(output)) return true;
+        if (Date.now() >= deadline) return false;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    },
     get exited() {
       return status !== null;
     },
