@@ -33,7 +33,10 @@ function parseFio(r: RunResult): FioJob[] | null {
 
 async function fio(args: string[]): Promise<RunResult> {
   // runtime bounds each job even if the server slows to a crawl; time_based=0 stops when size is done.
-  return run('fio', ['--output-format=json', '--ioengine=nbd', '--runtime=60', '--time_based=0', ...args], { timeoutMs: 90_000 });
+  // verify_state_save=0: fio would otherwise drop *-verify.state files into the current directory.
+  return run('fio', ['--output-format=json', '--ioengine=nbd', '--runtime=60', '--time_based=0', '--verify_state_save=0', ...args], {
+    timeoutMs: 90_000,
+  });
 }
 
 function checkClean(tt: Test, r: RunResult, names: string[], srv: ServerProcess): FioJob[] {

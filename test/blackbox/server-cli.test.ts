@@ -91,7 +91,7 @@ t.test('no flags: disk0 (1 GiB) from ./data on 127.0.0.1:10809, /healthz on 9810
 t.test('flags > env > config file > defaults', async (t) => {
   const dir = freshDir(t, 'prec');
   const cfg = path.join(dir, 'cfg.json');
-  writeFileSync(cfg, JSON.stringify({ export: ['fromfile=1M'], 'log-level': 'warn' }));
+  writeFileSync(cfg, JSON.stringify({ export: ['fromfile=1M'], 'log-level': 'debug' }));
   // File only.
   let srv = await startServer(t, { args: ['--config', cfg], dataDir: path.join(dir, 'd1') });
   t.same((await exportsOf(srv.nbdPort)).map((e) => e.name), ['fromfile']);
