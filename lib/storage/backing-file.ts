@@ -12,7 +12,7 @@ import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 import * as fsext from 'fs-ext';
 import { AllocMap } from './alloc-map';
-import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from './block-device';
+import { fullCapabilities, type BlockDevice, type Capabilities, type Extent, type WriteFlags, type ZeroFlags } from './block-device';
 import { Mutex } from './mutex';
 import { LockedError, NotSupportedError, UsageError } from '../errors';
 import type { Logger } from '../log';
@@ -59,17 +59,7 @@ export class BackingFile implements BlockDevice {
     private readonly map: AllocMap,
     readOnly: boolean,
   ) {
-    this.caps = {
-      readOnly,
-      flush: true,
-      fua: true,
-      trim: true,
-      zero: true,
-      fastZero: true,
-      cache: true,
-      multiConn: true,
-      extents: true,
-    };
+    this.caps = fullCapabilities(readOnly);
   }
 
   /** Open (creating at `size` if absent) and lock NAME.img in dir. */

@@ -60,3 +60,8 @@ export interface BlockDevice {
   extents(offset: number, length: number): Promise<Extent[]>;
   close(): Promise<void>;
 }
+
+/** Capabilities of a device that supports every operation (the storage layers we have all do). */
+export function fullCapabilities(readOnly: boolean): Capabilities {
+  return { readOnly, flush: true, fua: true, trim: true, zero: true, fastZero: true, cache: true, multiConn: true, extents: true };
+}

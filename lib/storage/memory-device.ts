@@ -5,7 +5,7 @@
 // Data lives only in this process, so flush() and FUA have nothing to make durable and resolve at once.
 
 import { AllocMap } from './alloc-map';
-import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from './block-device';
+import { fullCapabilities, type BlockDevice, type Capabilities, type Extent, type WriteFlags, type ZeroFlags } from './block-device';
 import { OutOfRangeError, ReadOnlyError, ShutdownError } from '../errors';
 
 /** Default allocation granularity (bytes): the same as the file layer, so extents look alike. */
@@ -39,17 +39,7 @@ export class MemoryDevice implements BlockDevice {
     this.map = new AllocMap(opts.size, blockSize);
     const readOnly = opts.readOnly ?? false;
     // Zeroing memory is always cheap, so fastZero never has to fail.
-    this.caps = {
-      readOnly,
-      flush: true,
-      fua: true,
-      trim: true,
-      zero: true,
-      fastZero: true,
-      cache: true,
-      multiConn: true,
-      extents: true,
-    };
+    this.caps = fullCapabilities(readOnly);
   }
 
   /** Bytes held in allocated blocks (whole blocks, including the unused end of the tail block). */
