@@ -12,7 +12,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmdirSync, statSync, 
 import { spawn } from 'node:child_process';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { isCI, requireTool } from '../helpers/requires';
+import { requireThat, requireTool } from '../helpers/requires';
 import { describe, run, type RunResult, sha256, sha256File } from '../helpers/run';
 import { type ServerProcess, startServer } from '../helpers/spawn-server';
 
@@ -135,11 +135,7 @@ function missingPrivileges(): string | null {
 const tools = ['nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'fsck.ext4', 'fstrim', 'mount', 'umount', 'sync'];
 if (tools.every((tool) => requireTool(t, tool))) {
   const missing = missingPrivileges();
-  if (missing !== null && isCI()) {
-    t.fail(`ext4-nbdfuse ${missing} (required when CI=true)`);
-  } else if (missing !== null) {
-    void t.skip(`ext4-nbdfuse: ${missing}: skipping`, () => undefined);
-  } else {
+  if (requireThat(t, missing === null, `ext4-nbdfuse: ${missing ?? ''}`)) {
     t.test('ext4-nbdfuse: mkfs, files, fsck clean, restart, fsck + contents intact', async (tt) => {
       // Mount points live outside the tap fixture dir, so its recursive cleanup can never walk into a mount.
       const base = mkdtempSync(path.join(os.tmpdir(), 'nbdmirror-ext4-'));

@@ -11,7 +11,7 @@
 import t from 'tap';
 import type { Test } from 'tap';
 import * as path from 'node:path';
-import { isCI, requireTool } from '../helpers/requires';
+import { requireThat, requireTool } from '../helpers/requires';
 import { describe, pythonWithNbd, run, type RunResult } from '../helpers/run';
 import { type ServerProcess, freshDir, startServer } from '../helpers/spawn-server';
 
@@ -145,12 +145,8 @@ print(json.dumps(out))
 const ARGS = ['--export', 'disk0=64M', '--export', 'db=32M', '--log-level', 'debug'];
 
 const python = pythonWithNbd();
-if (python === null && isCI()) {
-  t.fail('no python3 can import nbd (python3-libnbd) (required when CI=true)');
-} else if (python === null) {
-  void t.skip('handshake-go-and-export-name: no python3 can import nbd (install python3-libnbd): skipping', () => undefined);
-} else {
-  const py = python;
+if (requireThat(t, python !== null, 'handshake-go-and-export-name: no python3 can import nbd (install python3-libnbd)')) {
+  const py = python!;
   t.test('handshake-go-and-export-name: the same data through both paths (libnbd)', async (tt) => {
     const srv = await startServer(tt, { args: ARGS });
     const uri = srv.uri('disk0');

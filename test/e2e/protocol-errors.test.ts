@@ -409,3 +409,31 @@ t.test('server stopping: requests get ESHUTDOWN, then the connection closes', as
   t.ok(await c.closedWithin(5000), 'closed after the grace period');
   await stopped;
 });
+
+t.test('largest requests: 32 MiB READ/WRITE, TRIM and WRITE_ZEROES of 4 GiB − 1', async (t) => {
+  const node = await startTestNode(t, { exports: ['big=5G'] });
+  const c = await RawConn.connect(node.port);
+  await c.handshake('big', { structured: true, meta: true });
+  const max = 32 * 1024 * 1024;
+  const data = Buffer.alloc(max, 0x42);
+  c.send(Buffer.concat([req(C.NBD_CMD_WRITE, 4096, max, 1n), data]));
+  t.same(await simpleReply(c), { error: 0, cookie: 1n }, '32 MiB write');
+  c.send(req(C.NBD_CMD_READ, 4096, max, 2n, C.NBD_CMD_FLAG_DF));
+  const h = decodeReplyHeader(await c.read(20))!;
+  t.ok(h.kind === 'structured' && h.type === C.NBD_REPLY_TYPE_OFFSET_DATA && h.length === 8 + max, '32 MiB DF read in one chunk');
+  t.ok((await c.read(8 + max, 20_000)).subarray(8).equals(data));
+  const huge = 2 ** 32 - 1;
+  c.send(req(C.NBD_CMD_WRITE_ZEROES, 0, huge, 3n));
+  t.same(await simpleReply(c), { error: 0, cookie: 3n }, 'WRITE_ZEROES of 4 GiB − 1');
+  c.send(req(C.NBD_CMD_TRIM, 2 ** 30, huge, 4n));
+  t.same(await simpleReply(c), { error: 0, cookie: 4n }, 'TRIM of 4 GiB − 1');
+  c.send(req(C.NBD_CMD_BLOCK_STATUS, 0, huge, 5n));
+  const bh = decodeReplyHeader(await c.read(20))!;
+  const bp = await c.read(bh.kind === 'structured' ? bh.length : 0);
+  t.equal(bp.readUInt32BE(4), huge, 'one extent covers the zeroed range');
+  t.equal(bp.readUInt32BE(8), C.NBD_STATE_HOLE | C.NBD_STATE_ZERO, 'reported as a hole that reads as zeros');
+  c.send(req(C.NBD_CMD_READ, 4096, 65536, 6n, C.NBD_CMD_FLAG_DF));
+  const rh = decodeReplyHeader(await c.read(20))!;
+  t.ok((await c.read(rh.kind === 'structured' ? rh.length : 0)).subarray(8).equals(Buffer.alloc(65536)), 'zeroed data reads back as zeros');
+  c.destroy();
+});

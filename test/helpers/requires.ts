@@ -45,9 +45,15 @@ export function whichTool(command: string): string | null {
  * returns false, so callers wrap the tests that need the tool in `if (requireTool(t, 'nbdkit')) { … }`.
  */
 export function requireTool(t: RequireTap, command: string): boolean {
-  if (whichTool(command) !== null) return true;
-  const reason = `${command} not found on PATH`;
-  if (isCI()) t.fail(`${reason} (required when CI=true)`);
-  else void t.skip(`${reason}: skipping`, () => undefined);
+  return requireThat(t, whichTool(command) !== null, `${command} not found on PATH`);
+}
+
+/**
+ * Any other precondition (root, /dev/fuse, Python bindings): true when ok; otherwise t.fail under CI=true and
+ * t.skip with the reason elsewhere, so a missing prerequisite can never make a green CI run.
+ */
+export function requireThat(t: RequireTap, ok: boolean, reason: string): boolean {
+  if (ok) return true;
+  if (isCI()) t.fail(`${reason} (required when CI=true)`); else void t.skip(`${reason}: skipping (not CI)`, () => undefined);
   return false;
 }
