@@ -1,7 +1,7 @@
 // One typed, frozen Config built once from flags > NBDMIRROR_* environment > config file > defaults.
 // Every problem is a UsageError with one clear line; server.ts turns it into exit code 2.
 
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { Command, CommanderError, Option } from 'commander';
 import { UsageError } from './errors';
 import { LOG_LEVELS, type LogLevel } from './log';
@@ -17,6 +17,8 @@ export interface ExportConfig {
   size: number;
 }
 
+export type Durability = 'disk' | 'pmem';
+
 export interface Config {
   listen: Address;
   http: Address;
@@ -25,6 +27,19 @@ export interface Config {
   readOnly: boolean;
   logLevel: LogLevel;
   configFile: string | null;
+  /** Bytes of the pmem region (4 KiB pages). */
+  pmemSize: number;
+  pmemDir: string;
+  durability: Durability;
+  /** Bytes of clean blocks kept in the read cache (0 disables it). */
+  cacheSize: number;
+  writeback: {
+    /** Fractions of the region's pages: start writing back above high, stop at low. */
+    high: number;
+    low: number;
+    /** Write back pages dirty for longer than this (ms). */
+    maxAgeMs: number;
+  };
 }
 
 export const DEFAULTS = {
@@ -33,6 +48,14 @@ export const DEFAULTS = {
   dataDir: './data',
   export: 'disk0=1G',
   logLevel: 'info' as LogLevel,
+  pmemSize: '256M',
+  /** Where the region lives unless --pmem-dir says otherwise: tmpfs when the machine has it. */
+  pmemDir: '/dev/shm (else the data dir)',
+  durability: 'disk' as Durability,
+  cacheSize: '64M',
+  writebackHigh: '50',
+  writebackLow: '25',
+  writebackMaxAge: '5s',
 };
 
 /** Export names become file names (NAME.img), so they are restricted to a safe set. */
@@ -53,6 +76,18 @@ export function serverCommand(): Command {
     )
     .addOption(new Option('--read-only', 'serve every export read-only').default(false).env('NBDMIRROR_READ_ONLY'))
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default(DEFAULTS.logLevel).env('NBDMIRROR_LOG_LEVEL'))
+    .addOption(new Option('--pmem-size <size>', 'size of the pmem region (4 KiB pages)').default(DEFAULTS.pmemSize).env('NBDMIRROR_PMEM_SIZE'))
+    .addOption(new Option('--pmem-dir <dir>', `directory of the pmem region file (default: ${DEFAULTS.pmemDir})`).env('NBDMIRROR_PMEM_DIR'))
+    .addOption(
+      new Option('--durability <mode>', 'disk: FLUSH/FUA reach the backing files; pmem: the region counts as non-volatile')
+        .choices(['disk', 'pmem'])
+        .default(DEFAULTS.durability)
+        .env('NBDMIRROR_DURABILITY'),
+    )
+    .addOption(new Option('--cache-size <size>', 'read cache of clean blocks (0 disables)').default(DEFAULTS.cacheSize).env('NBDMIRROR_CACHE_SIZE'))
+    .addOption(new Option('--writeback-high <percent>', 'start writeback above this share of dirty region pages').default(DEFAULTS.writebackHigh).env('NBDMIRROR_WRITEBACK_HIGH'))
+    .addOption(new Option('--writeback-low <percent>', 'stop writeback at this share of dirty region pages').default(DEFAULTS.writebackLow).env('NBDMIRROR_WRITEBACK_LOW'))
+    .addOption(new Option('--writeback-max-age <duration>', 'write back pages dirty for longer than this (e.g. 500ms, 5s)').default(DEFAULTS.writebackMaxAge).env('NBDMIRROR_WRITEBACK_MAX_AGE'))
     .helpOption('-h, --help', 'show this help')
     .allowExcessArguments(false);
 }
@@ -110,6 +145,11 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Loa
     readOnly,
     logLevel: o.logLevel as LogLevel,
     configFile,
+    pmemSize: parseSize(String(o.pmemSize), '--pmem-size'),
+    pmemDir: typeof o.pmemDir === 'string' && o.pmemDir !== '' ? o.pmemDir : defaultPmemDir(String(o.dataDir)),
+    durability: o.durability as Durability,
+    cacheSize: parseSize(String(o.cacheSize), '--cache-size'),
+    writeback: parseWriteback(String(o.writebackHigh), String(o.writebackLow), String(o.writebackMaxAge)),
   };
   return { kind: 'config', config: deepFreeze(config) };
 }
@@ -125,7 +165,23 @@ const FILE_KEYS: Record<string, string> = {
   readOnly: 'readOnly',
   'log-level': 'logLevel',
   logLevel: 'logLevel',
+  'pmem-size': 'pmemSize',
+  pmemSize: 'pmemSize',
+  'pmem-dir': 'pmemDir',
+  pmemDir: 'pmemDir',
+  durability: 'durability',
+  'cache-size': 'cacheSize',
+  cacheSize: 'cacheSize',
+  'writeback-high': 'writebackHigh',
+  writebackHigh: 'writebackHigh',
+  'writeback-low': 'writebackLow',
+  writebackLow: 'writebackLow',
+  'writeback-max-age': 'writebackMaxAge',
+  writebackMaxAge: 'writebackMaxAge',
 };
+
+/** Keys whose config-file value may be a JSON number (sizes in bytes, percentages, seconds). */
+const NUMERIC_KEYS = new Set(['pmemSize', 'cacheSize', 'writebackHigh', 'writebackLow', 'writebackMaxAge']);
 
 /** Config-file values fill in what neither a flag nor the environment set. */
 function applyConfigFile(cmd: Command, file: string): void {
@@ -150,10 +206,14 @@ function applyConfigFile(cmd: Command, file: string): void {
       v = list;
     } else if (attr === 'readOnly') {
       if (typeof value !== 'boolean') throw new UsageError(`config file ${file}: "${key}" must be true or false`);
+    } else if (typeof value === 'number' && NUMERIC_KEYS.has(attr)) {
+      v = String(value);
     } else if (typeof value !== 'string') {
       throw new UsageError(`config file ${file}: "${key}" must be a string`);
     } else if (attr === 'logLevel' && !(LOG_LEVELS as readonly string[]).includes(value)) {
       throw new UsageError(`config file ${file}: "log-level" must be one of ${LOG_LEVELS.join(', ')}`);
+    } else if (attr === 'durability' && value !== 'disk' && value !== 'pmem') {
+      throw new UsageError(`config file ${file}: "durability" must be "disk" or "pmem"`);
     }
     cmd.setOptionValueWithSource(attr, v, 'config');
   }
@@ -166,6 +226,34 @@ function parseBool(v: unknown, what: string): boolean {
   if (['1', 'true', 'yes', 'on'].includes(s)) return true;
   if (['0', 'false', 'no', 'off', ''].includes(s)) return false;
   throw new UsageError(`invalid ${what} value "${String(v)}": use true or false`);
+}
+
+function defaultPmemDir(dataDir: string): string {
+  return existsSync('/dev/shm') ? '/dev/shm' : dataDir;
+}
+
+function parsePercent(text: string, what: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*%?\s*$/.exec(text);
+  const v = m ? Number(m[1]) : NaN;
+  if (!(v >= 0 && v <= 100)) throw new UsageError(`invalid --${what} "${text}": use a percentage from 0 to 100`);
+  return v / 100;
+}
+
+/** "500ms", "5s", "2m", or plain seconds. */
+export function parseDuration(text: string, what: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$/.exec(text);
+  if (!m) throw new UsageError(`invalid --${what} "${text}": use e.g. 500ms, 5s or 2m`);
+  const unit = m[2] ?? 's';
+  return Number(m[1]) * (unit === 'ms' ? 1 : unit === 's' ? 1000 : 60_000);
+}
+
+function parseWriteback(high: string, low: string, maxAge: string): Config['writeback'] {
+  const h = parsePercent(high, 'writeback-high');
+  const l = parsePercent(low, 'writeback-low');
+  if (l >= h) throw new UsageError(`--writeback-low (${low}) must be below --writeback-high (${high})`);
+  const maxAgeMs = parseDuration(maxAge, 'writeback-max-age');
+  if (maxAgeMs <= 0) throw new UsageError('--writeback-max-age must be positive');
+  return { high: h, low: l, maxAgeMs };
 }
 
 export function parseExport(text: string): ExportConfig {

@@ -1,67 +1,213 @@
-// createNode: one nbdmirror node built from a Config — data dir lock, export stacks, NBD listener, HTTP.
+// startNode: one nbdmirror node built from a Config — data dir lock, node identity, backing files, pmem
+// region (with crash recovery before anything is served), writeback, read cache, the NBD listener and HTTP.
 // server.ts and the tests both use it; nothing here reads process-global state.
 
+import { randomUUID } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
+import * as path from 'node:path';
 import { type Address, type Config, formatAddress } from './config';
-import { HttpControl } from './control/http';
+import { HttpControl, sendJson } from './control/http';
+import { UsageError } from './errors';
 import type { Logger } from './log';
 import { ExportRegistry, type ExportHandle } from './server/exports';
 import { NbdServer } from './server/listener';
 import { BackingFile, checkCapacity, lockDataDir } from './storage/backing-file';
+import { PmemLayer } from './storage/pmem-layer';
+import { PAGE_SIZE, PmemRegion, type RecoveryReport } from './storage/pmem-region';
+import { PmemStore } from './storage/pmem-store';
+import { ReadCache } from './storage/read-cache';
+import { Writeback } from './storage/writeback';
 
 export interface NodeAddresses {
   nbd: Address;
   http: Address;
 }
 
+export interface RecoveryFigures {
+  pages: number;
+  bytes: number;
+  torn: number;
+  superseded: number;
+  ms: number;
+}
+
+/** What the engine looks like from outside (status, metrics). */
+export interface NodeStatus {
+  node: { uuid: string; durability: string; regionFile: string };
+  region: ReturnType<PmemStore['stats']>;
+  writeback: { bytesWritten: number };
+  cache: { maxBytes: number; bytes: number; hits: number; misses: number };
+  recovery: RecoveryFigures;
+  exports: Array<{ name: string; size: number; residentPages: number }>;
+}
+
 export interface NbdmirrorNode {
   readonly addresses: NodeAddresses;
-  /** Stop accepting, finish in-flight requests, flush and close every export, release the data dir. */
+  status(): NodeStatus;
+  /** Stop accepting, finish in-flight requests, write everything back, close every export, unlock. */
   stop(): Promise<void>;
+}
+
+// DATA_DIR/node.json. Bump NODE_FILE_VERSION on any change of its fields.
+const NODE_FILE_VERSION = 1;
+
+/** The node's identity, created on first start and kept in the data dir. */
+async function loadNodeUuid(dataDir: string): Promise<string> {
+  const file = path.join(dataDir, 'node.json');
+  try {
+    const j = JSON.parse(await fsp.readFile(file, 'utf8')) as { version?: number; uuid?: string };
+    if (j.version !== NODE_FILE_VERSION || typeof j.uuid !== 'string' || !/^[0-9a-f-]{36}$/.test(j.uuid)) {
+      throw new UsageError(`${file} is not a valid node file (version ${NODE_FILE_VERSION} with a uuid)`);
+    }
+    return j.uuid;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+      if (err instanceof UsageError) throw err;
+      throw new UsageError(`cannot read ${file}: ${(err as Error).message}`);
+    }
+  }
+  const uuid = randomUUID();
+  const tmp = `${file}.tmp`;
+  await fsp.writeFile(tmp, `${JSON.stringify({ version: NODE_FILE_VERSION, uuid })}\n`, { mode: 0o600 });
+  await fsp.rename(tmp, file);
+  return uuid;
 }
 
 export async function startNode(config: Config, log: Logger): Promise<NbdmirrorNode> {
   const lock = await lockDataDir(config.dataDir);
-  const opened: ExportHandle[] = [];
+  const backings = new Map<string, BackingFile>();
+  let region: PmemRegion | null = null;
+  let writeback: Writeback | null = null;
   let nbd: NbdServer | null = null;
   const http = new HttpControl(log.child({ component: 'http' }));
   try {
+    const uuid = await loadNodeUuid(config.dataDir);
     for (const e of config.exports) {
       checkCapacity(config.dataDir, e.size, e.name, log);
-      const device = await BackingFile.open({ dir: config.dataDir, name: e.name, size: e.size, readOnly: config.readOnly, log });
-      opened.push({ name: e.name, description: `nbdmirror export ${e.name}`, device });
+      backings.set(e.name, await BackingFile.open({ dir: config.dataDir, name: e.name, size: e.size, readOnly: config.readOnly, log }));
     }
-    nbd = new NbdServer(new ExportRegistry(opened), log.child({ component: 'nbd' }));
+    const regionFile = PmemRegion.fileFor(config.pmemDir, uuid);
+    const started = Date.now();
+    let figures: RecoveryFigures = { pages: 0, bytes: 0, torn: 0, superseded: 0, ms: 0 };
+    const opened = await PmemRegion.open({
+      file: regionFile,
+      nodeUuid: uuid,
+      size: config.pmemSize,
+      writeBack: async (report) => {
+        figures = await recover(report, backings, log);
+      },
+    });
+    region = opened.region;
+    figures.ms = Date.now() - started;
+    log.info({ regionFile, pages: region.pageCount, created: opened.created, recovery: figures }, 'pmem region ready');
+
+    const cache = new ReadCache(config.cacheSize);
+    const store = new PmemStore(region, cache);
+    writeback = new Writeback(
+      store,
+      {
+        highPages: Math.floor(region.pageCount * config.writeback.high),
+        lowPages: Math.floor(region.pageCount * config.writeback.low),
+        maxAgeMs: config.writeback.maxAgeMs,
+        // In pmem durability the region is the only copy until the backing file is synced.
+        syncBeforeClean: config.durability === 'pmem',
+      },
+      log.child({ component: 'writeback' }),
+    );
+    const layers: Array<{ name: string; layer: PmemLayer; index: Map<number, number> }> = [];
+    const handles: ExportHandle[] = [];
+    for (const e of config.exports) {
+      const se = store.addExport(e.name, backings.get(e.name)!);
+      const layer = new PmemLayer(store, se, writeback, config.durability);
+      layers.push({ name: e.name, layer, index: se.index });
+      handles.push({ name: e.name, description: `nbdmirror export ${e.name}`, device: layer });
+    }
+
+    const status = (): NodeStatus => ({
+      node: { uuid, durability: config.durability, regionFile },
+      region: store.stats(),
+      writeback: { bytesWritten: writeback!.bytesWritten },
+      cache: { maxBytes: cache.maxBytes, bytes: cache.bytes, hits: cache.hits, misses: cache.misses },
+      recovery: figures,
+      exports: layers.map((l) => ({ name: l.name, size: backings.get(l.name)!.size, residentPages: l.index.size })),
+    });
+    http.addRoute('GET /v1/status', (_req, res) => sendJson(res, 200, status()));
+
+    nbd = new NbdServer(new ExportRegistry(handles), log.child({ component: 'nbd' }));
     const addresses = { nbd: await nbd.listen(config.listen), http: await http.listen(config.http) };
     log.info(
-      { nbd: formatAddress(addresses.nbd), http: formatAddress(addresses.http), exports: config.exports.map((e) => e.name), dataDir: config.dataDir },
+      { nbd: formatAddress(addresses.nbd), http: formatAddress(addresses.http), exports: config.exports.map((e) => e.name), dataDir: config.dataDir, durability: config.durability },
       'listening',
     );
     const server = nbd;
+    const wb = writeback;
+    const reg = region;
     let stopping: Promise<void> | null = null;
     return {
       addresses,
+      status,
       stop: () =>
         (stopping ??= (async () => {
           await server.stop();
           await http.close();
-          await closeAll(opened, lock, log);
+          // Everything in the region goes to the backing files, so a clean stop leaves nothing to recover.
+          for (const l of layers) {
+            try {
+              await l.layer.close();
+            } catch (err) {
+              log.error({ err, export: l.name }, 'writing back the region failed; it will be recovered at the next start');
+            }
+          }
+          await wb.stop();
+          // A region with nothing dirty left is deleted: it would only hold tmpfs memory until the next start.
+          await reg.close(store.dirtyCount === 0);
+          await closeAll(backings, lock, log);
         })()),
     };
   } catch (err) {
     await nbd?.stop();
     await http.close().catch(() => undefined);
-    await closeAll(opened, lock, log);
+    await writeback?.stop();
+    await region?.close();
+    await closeAll(backings, lock, log);
     throw err;
   }
 }
 
-async function closeAll(exports: ExportHandle[], lock: FileHandle, log: Logger): Promise<void> {
-  for (const e of exports) {
+/** Write the region's surviving pages back in sequence order and make them durable. */
+async function recover(report: RecoveryReport, backings: Map<string, BackingFile>, log: Logger): Promise<RecoveryFigures> {
+  const missing = new Set(report.pages.map((p) => p.exportName).filter((n) => !backings.has(n)));
+  if (missing.size > 0) {
+    throw new UsageError(
+      `the pmem region holds unwritten data of export(s) ${[...missing].join(', ')} that are not configured: ` +
+        'start with those --export NAME=SIZE flags to recover them',
+    );
+  }
+  let bytes = 0;
+  const touched = new Set<BackingFile>();
+  for (const p of report.pages) {
+    const b = backings.get(p.exportName)!;
+    const off = p.block * PAGE_SIZE;
+    if (off >= b.size) continue;
+    const len = Math.min(PAGE_SIZE, b.size - off);
+    await b.pwrite(p.data.subarray(0, len), off);
+    bytes += len;
+    touched.add(b);
+  }
+  for (const b of touched) await b.flush();
+  if (report.pages.length > 0 || report.torn > 0) {
+    log.warn({ pages: report.pages.length, bytes, torn: report.torn, superseded: report.superseded }, 'recovered the pmem region after an unclean stop');
+  }
+  return { pages: report.pages.length, bytes, torn: report.torn, superseded: report.superseded, ms: 0 };
+}
+
+async function closeAll(backings: Map<string, BackingFile>, lock: FileHandle, log: Logger): Promise<void> {
+  for (const [name, b] of backings) {
     try {
-      await e.device.close();
+      await b.close();
     } catch (err) {
-      log.error({ err, export: e.name }, 'closing export failed');
+      log.error({ err, export: name }, 'closing export failed');
     }
   }
   await lock.close();

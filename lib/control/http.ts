@@ -17,6 +17,11 @@ export class HttpControl {
     this.server.keepAliveTimeout = 5000;
   }
 
+  /** Register a handler for "METHOD /path". */
+  addRoute(key: string, route: Route): void {
+    this.routes.set(key, route);
+  }
+
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://localhost');
     const method = req.method === 'HEAD' ? 'GET' : req.method;

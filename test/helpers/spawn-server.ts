@@ -128,6 +128,11 @@ export async function startServer(t: TapLike, opts: StartOptions = {}): Promise<
     mkdirSync(dataDir, { recursive: true });
     args.push('--data-dir', dataDir);
   }
+  // Keep the pmem region with the data (not in the shared /dev/shm), so restarts of this data dir recover
+  // from it and tap's fixture cleanup removes it.
+  if (!bare && flagValue(extra, '--pmem-dir') === undefined && opts.env?.NBDMIRROR_PMEM_DIR === undefined) {
+    args.push('--pmem-dir', path.join(dataDir, 'pmem'));
+  }
   args.push(...extra);
 
   const child: ChildProcess = spawn(process.execPath, args, {

@@ -3,6 +3,7 @@
 // deeply frozen result. The environment is always passed in; process.env must come back untouched.
 
 import t from 'tap';
+import { existsSync } from 'node:fs';
 import type { Test } from 'tap';
 import * as path from 'node:path';
 import { writeFileSync } from 'node:fs';
@@ -49,8 +50,38 @@ t.test('defaults', async (t) => {
     readOnly: false,
     logLevel: 'info',
     configFile: null,
+    pmemSize: 256 * MiB,
+    pmemDir: existsSync('/dev/shm') ? '/dev/shm' : './data',
+    durability: 'disk',
+    cacheSize: 64 * MiB,
+    writeback: { high: 0.5, low: 0.25, maxAgeMs: 5000 },
   });
   t.equal(DEFAULTS.export, 'disk0=1G');
+});
+
+t.test('storage engine flags', async (t) => {
+  const c = config([
+    '--pmem-size', '64M', '--pmem-dir', '/mnt/pmem', '--durability', 'pmem', '--cache-size', '0',
+    '--writeback-high', '80', '--writeback-low', '10%', '--writeback-max-age', '250ms',
+  ]);
+  t.equal(c.pmemSize, 64 * MiB);
+  t.equal(c.pmemDir, '/mnt/pmem');
+  t.equal(c.durability, 'pmem');
+  t.equal(c.cacheSize, 0);
+  t.same(c.writeback, { high: 0.8, low: 0.1, maxAgeMs: 250 });
+  t.equal(config(['--writeback-max-age', '2m']).writeback.maxAgeMs, 120_000);
+  t.equal(config(['--writeback-max-age', '3']).writeback.maxAgeMs, 3000, 'plain number = seconds');
+  t.equal(config(['--pmem-dir', '/x'], { NBDMIRROR_DURABILITY: 'pmem' }).durability, 'pmem', 'from the environment');
+  for (const [args, re] of [
+    [['--durability', 'ram'], /durability/],
+    [['--pmem-size', 'lots'], /invalid --pmem-size/],
+    [['--writeback-high', '150'], /percentage/],
+    [['--writeback-low', '60', '--writeback-high', '50'], /must be below/],
+    [['--writeback-max-age', 'soon'], /e.g. 500ms/],
+    [['--cache-size', '-1'], /invalid --cache-size/],
+  ] as Array<[string[], RegExp]>) {
+    t.throws(() => config(args), re, args.join(' '));
+  }
 });
 
 t.test('each flag', async (t) => {
@@ -99,6 +130,13 @@ t.test('the config file', async (t) => {
       export: ['f=2M', 'g=1G'],
       'read-only': true,
       'log-level': 'warn',
+      'pmem-size': 268435456,
+      'pmem-dir': '/p',
+      durability: 'pmem',
+      'cache-size': '1M',
+      'writeback-high': 90,
+      'writeback-low': '5',
+      'writeback-max-age': '1s',
     });
     t.same(config(['--config', file]), {
       listen: { host: '0.0.0.0', port: 1 },
@@ -108,7 +146,13 @@ t.test('the config file', async (t) => {
       readOnly: true,
       logLevel: 'warn',
       configFile: file,
+      pmemSize: 256 * MiB,
+      pmemDir: '/p',
+      durability: 'pmem',
+      cacheSize: MiB,
+      writeback: { high: 0.9, low: 0.05, maxAgeMs: 1000 },
     });
+    t.throws(() => config(['--config', writeJson(dir, 'bad-dur.json', { durability: 'ram' })]), /"durability" must be/);
   });
 
   t.test('camelCase keys, "exports", a single export string', async (t) => {

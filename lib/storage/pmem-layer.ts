@@ -1,0 +1,336 @@
+// The per-export write path over the pmem region: a write is copied into region pages (read-modify-write
+// for partial pages) and acknowledged when the region holds it; reads look in the region, then the read
+// cache, then the backing file; TRIM/WRITE_ZEROES drop resident pages and deallocate in the backing file.
+//
+// Ordering rules that keep acknowledged data safe across a crash:
+// - a dirty page is never overwritten in place (a crash mid-copy would tear the only copy): its new version
+//   goes to another slot with a higher sequence number, then the old slot is released;
+// - a clean page (equal to the backing file) may be overwritten in place: if torn, its checksum fails and
+//   recovery falls back to the backing file, which holds the last acknowledged version;
+// - a trimmed/zeroed block's page is released only after the backing file has deallocated the range, and
+//   only once no writeback of it is in flight (which could otherwise land after the deallocation).
+
+import { NotSupportedError } from '../errors';
+import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from './block-device';
+import { PAGE_SIZE, SLOT_CLEAN, type PmemStore, type StoreExport } from './pmem-store';
+import type { Writeback } from './writeback';
+
+export type Durability = 'disk' | 'pmem';
+
+/** CACHE prefetches at most this much per request. */
+const CACHE_PREFETCH_MAX = 32 << 20;
+
+export class PmemLayer implements BlockDevice {
+  readonly size: number;
+  readonly caps: Capabilities;
+  /** Blocks with a read-modify-write (or trim) under way: later writes to them queue behind it. */
+  private readonly pending = new Map<number, Promise<void>>();
+  private readonly zeroPage = Buffer.alloc(PAGE_SIZE);
+
+  constructor(
+    private readonly store: PmemStore,
+    private readonly e: StoreExport,
+    private readonly writeback: Writeback,
+    private readonly durability: Durability,
+  ) {
+    this.size = e.backing.size;
+    this.caps = { ...e.backing.caps };
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Writes
+
+  async pwrite(buf: Buffer, offset: number, flags: WriteFlags = {}): Promise<void> {
+    const first = Math.floor(offset / PAGE_SIZE);
+    const last = Math.floor((offset + buf.length - 1) / PAGE_SIZE);
+    if (buf.length === 0) return;
+    this.store.cache.invalidate(this.e.id, first, last);
+    let pos = 0;
+    while (pos < buf.length) {
+      const off = offset + pos;
+      const block = Math.floor(off / PAGE_SIZE);
+      const inPage = off - block * PAGE_SIZE;
+      const n = Math.min(PAGE_SIZE - inPage, buf.length - pos);
+      const src = buf.subarray(pos, pos + n);
+      if (this.pending.size === 0 || !this.pending.has(block)) {
+        if (!this.installNow(block, inPage, src)) await this.queue(block, () => this.installSlow(block, inPage, src));
+      } else {
+        await this.queue(block, () => this.installSlow(block, inPage, src));
+      }
+      pos += n;
+    }
+    if (flags.fua) await this.makeDurable();
+  }
+
+  /**
+   * Install without waiting, if possible: a whole page, or a partial page whose base is resident, with a
+   * slot at hand. Returns false when the caller must take the slow path.
+   */
+  private installNow(block: number, inPage: number, src: Buffer): boolean {
+    const s = this.store;
+    const r = s.region;
+    const slot = this.e.index.get(block);
+    if (slot !== undefined) {
+      if (r.slotState[slot] === SLOT_CLEAN && r.slotPins[slot] === 0) {
+        src.copy(r.page(slot), inPage);
+        s.installDirty(this.e, block, slot);
+        return true;
+      }
+      const ns = s.tryTakeSlot();
+      if (ns < 0) return false;
+      const page = r.page(ns);
+      if (src.length < PAGE_SIZE) r.page(slot).copy(page);
+      src.copy(page, inPage);
+      s.installDirty(this.e, block, ns);
+      return true;
+    }
+    if (src.length < PAGE_SIZE) return false;
+    const ns = s.tryTakeSlot();
+    if (ns < 0) return false;
+    src.copy(r.page(ns));
+    s.installDirty(this.e, block, ns);
+    return true;
+  }
+
+  /** Install after reading the base page and/or waiting for a free slot. Runs queued per block. */
+  private async installSlow(block: number, inPage: number, src: Buffer): Promise<void> {
+    const partial = src.length < PAGE_SIZE;
+    for (;;) {
+      if (this.installNow(block, inPage, src)) return;
+      let base: Buffer | null = null;
+      if (partial && !this.e.index.has(block)) {
+        base = Buffer.allocUnsafe(PAGE_SIZE);
+        await this.readBase(block, base);
+      }
+      const ns = await this.store.takeSlot();
+      // Synchronous from here: the slot must be filled and committed before anything else can take it.
+      const r = this.store.region;
+      const resident = this.e.index.get(block);
+      if (partial && resident === undefined && base === null) {
+        // The resident base page was evicted while we waited: read the base again.
+        this.store.giveBack(ns);
+        continue;
+      }
+      const page = r.page(ns);
+      if (partial) {
+        if (resident !== undefined) r.page(resident).copy(page);
+        else base!.copy(page);
+      }
+      src.copy(page, inPage);
+      this.store.installDirty(this.e, block, ns);
+      return;
+    }
+  }
+
+  /** Run fn after every operation already queued on block; the queue entry is dropped when it is the last. */
+  private queue(block: number, fn: () => Promise<void>): Promise<void> {
+    const prev = this.pending.get(block);
+    const p = prev === undefined ? fn() : prev.then(fn);
+    const tail = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.pending.set(block, tail);
+    void tail.then(() => {
+      if (this.pending.get(block) === tail) this.pending.delete(block);
+    });
+    return p;
+  }
+
+  /** The current contents of a non-resident block: read cache, else the backing file. */
+  private async readBase(block: number, dst: Buffer): Promise<void> {
+    if (this.store.cache.readInto(this.e.id, block, dst, 0)) return;
+    const off = block * PAGE_SIZE;
+    const len = Math.min(PAGE_SIZE, this.size - off);
+    if (len < PAGE_SIZE) dst.fill(0, len);
+    await this.e.backing.pread(dst.subarray(0, len), off);
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Reads
+
+  async pread(buf: Buffer, offset: number): Promise<void> {
+    const s = this.store;
+    const r = s.region;
+    const e = this.e;
+    const misses: Array<{ pos: number; off: number; len: number }> = [];
+    let pos = 0;
+    while (pos < buf.length) {
+      const off = offset + pos;
+      const block = Math.floor(off / PAGE_SIZE);
+      const inPage = off - block * PAGE_SIZE;
+      const n = Math.min(PAGE_SIZE - inPage, buf.length - pos);
+      const slot = e.index.get(block);
+      if (slot !== undefined) {
+        r.page(slot).copy(buf, pos, inPage, inPage + n);
+      } else if (!s.cache.readInto(e.id, block, buf, pos, inPage, inPage + n)) {
+        const m = misses[misses.length - 1];
+        if (m && m.pos + m.len === pos) m.len += n;
+        else misses.push({ pos, off, len: n });
+      }
+      pos += n;
+    }
+    if (misses.length === 0) return;
+    const generation = e.generation;
+    await Promise.all(misses.map((m) => e.backing.pread(buf.subarray(m.pos, m.pos + m.len), m.off)));
+    // Keep whole pages in the cache, unless the export changed while we read (the data may be stale).
+    if (e.generation !== generation || s.cache.maxBytes === 0) return;
+    for (const m of misses) {
+      const firstFull = Math.ceil(m.off / PAGE_SIZE);
+      const end = m.off + m.len;
+      for (let b = firstFull; (b + 1) * PAGE_SIZE <= end; b++) {
+        if (e.index.has(b)) continue;
+        const at = m.pos + (b * PAGE_SIZE - m.off);
+        s.cache.insert(e.id, b, buf.subarray(at, at + PAGE_SIZE));
+      }
+    }
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    const n = Math.min(length, CACHE_PREFETCH_MAX);
+    const scratch = Buffer.allocUnsafe(Math.min(n, 1 << 20));
+    for (let pos = 0; pos < n; pos += scratch.length) {
+      await this.pread(scratch.subarray(0, Math.min(scratch.length, n - pos)), offset + pos);
+    }
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    const backing = await this.e.backing.extents(offset, length);
+    const first = Math.floor(offset / PAGE_SIZE);
+    const last = Math.floor((offset + length - 1) / PAGE_SIZE);
+    const resident: number[] = [];
+    for (const b of this.e.index.keys()) if (b >= first && b <= last) resident.push(b);
+    if (resident.length === 0) return backing;
+    resident.sort((a, b) => a - b);
+    return overlayData(backing, offset, resident);
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Trim, zero, flush
+
+  async trim(offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+    // Partial pages are left alone, as the backing file does: a trim is advisory.
+    await this.dropWholePages(offset, length, () => this.e.backing.trim(offset, length));
+    if (flags.fua) await this.makeDurable();
+  }
+
+  async zero(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    // Refuse before touching anything: dropping pages first would lose their data.
+    if (flags.fastZero && !flags.mayTrim) throw new NotSupportedError('zeroing without deallocation is not fast');
+    const end = offset + length;
+    const firstWhole = Math.ceil(offset / PAGE_SIZE) * PAGE_SIZE;
+    const endWhole = end >= this.size ? end : Math.floor(end / PAGE_SIZE) * PAGE_SIZE;
+    if (endWhole <= firstWhole) {
+      await this.writeZeros(offset, length);
+    } else {
+      await this.writeZeros(offset, firstWhole - offset);
+      await this.writeZeros(endWhole, end - endWhole);
+      const f: ZeroFlags = { mayTrim: flags.mayTrim ?? false };
+      await this.dropWholePages(firstWhole, endWhole - firstWhole, () => this.e.backing.zero(firstWhole, endWhole - firstWhole, f));
+    }
+    if (flags.fua) await this.makeDurable();
+  }
+
+  private async writeZeros(offset: number, length: number): Promise<void> {
+    for (let pos = 0; pos < length; pos += PAGE_SIZE) {
+      const n = Math.min(PAGE_SIZE, length - pos);
+      await this.pwrite(this.zeroPage.subarray(0, n), offset + pos);
+    }
+  }
+
+  /**
+   * Take the resident pages of the whole blocks in [offset, offset+length) out of the region around
+   * backingOp: detach them (no longer served or written back), wait for in-flight writebacks of them,
+   * run backingOp, then release them. A crash before the release recovers their data, which is right
+   * for an operation that was never acknowledged.
+   */
+  private async dropWholePages(offset: number, length: number, backingOp: () => Promise<void>): Promise<void> {
+    const e = this.e;
+    const s = this.store;
+    const first = Math.ceil(offset / PAGE_SIZE);
+    const end = offset + length;
+    const last = (end >= this.size ? Math.ceil(this.size / PAGE_SIZE) : Math.floor(end / PAGE_SIZE)) - 1;
+    if (last >= first) {
+      // Queued read-modify-writes on these blocks finish first.
+      const waits: Array<Promise<void>> = [];
+      for (const [b, p] of this.pending) if (b >= first && b <= last) waits.push(p);
+      await Promise.all(waits);
+    }
+    const dropped: number[] = [];
+    if (last >= first) {
+      const take = (b: number, slot: number): void => {
+        e.index.delete(b);
+        s.detach(slot);
+        dropped.push(slot);
+      };
+      if (last - first + 1 > e.index.size) {
+        for (const [b, slot] of [...e.index]) if (b >= first && b <= last) take(b, slot);
+      } else {
+        for (let b = first; b <= last; b++) {
+          const slot = e.index.get(b);
+          if (slot !== undefined) take(b, slot);
+        }
+      }
+      e.generation++;
+      s.cache.invalidate(e.id, first, last);
+      await Promise.all(dropped.map((slot) => s.waitUnpinned(slot)));
+    }
+    try {
+      await backingOp();
+    } finally {
+      for (const slot of dropped) s.releaseDetached(slot);
+    }
+  }
+
+  /** FLUSH: disk durability writes back and fdatasyncs; pmem durability only has to persist the region. */
+  async flush(): Promise<void> {
+    await this.makeDurable();
+  }
+
+  private async makeDurable(): Promise<void> {
+    if (this.durability === 'pmem') this.store.region.sync();
+    else await this.writeback.flushExport(this.e);
+  }
+
+  async close(): Promise<void> {
+    await this.writeback.flushExport(this.e);
+  }
+}
+
+/** Mark the (sorted) resident blocks as data within backing extents that start at offset. */
+function overlayData(backing: Extent[], offset: number, resident: number[]): Extent[] {
+  const out: Extent[] = [];
+  const push = (length: number, flags: number): void => {
+    if (length <= 0) return;
+    const prev = out[out.length - 1];
+    if (prev && prev.flags === flags) prev.length += length;
+    else out.push({ length, flags });
+  };
+  let pos = offset;
+  let i = 0;
+  for (const ext of backing) {
+    const end = pos + ext.length;
+    if (ext.flags === 0) {
+      push(ext.length, 0);
+    } else {
+      let cur = pos;
+      while (i < resident.length && resident[i]! * PAGE_SIZE < end) {
+        const bStart = Math.max(resident[i]! * PAGE_SIZE, cur);
+        const bEnd = Math.min((resident[i]! + 1) * PAGE_SIZE, end);
+        if (bEnd > cur) {
+          push(bStart - cur, ext.flags);
+          push(bEnd - bStart, 0);
+          cur = bEnd;
+        }
+        if ((resident[i]! + 1) * PAGE_SIZE <= end) i++;
+        else break;
+      }
+      push(end - cur, ext.flags);
+    }
+    while (i < resident.length && (resident[i]! + 1) * PAGE_SIZE <= end) i++;
+    pos = end;
+  }
+  return out;
+}
+
+export { overlayData };

@@ -1,0 +1,218 @@
+// The node's page store over the pmem region: which (export, block) lives in which slot, slot allocation
+// with eviction of clean pages, backpressure when every page is dirty, and the counters the metrics read.
+// One store per node, shared by its exports (pmem-layer.ts) and the writeback worker (writeback.ts).
+
+import type { BlockDevice } from './block-device';
+import { PAGE_SIZE, PmemRegion, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE } from './pmem-region';
+import type { ReadCache } from './read-cache';
+
+export interface StoreExport {
+  readonly id: number;
+  readonly name: string;
+  readonly backing: BlockDevice;
+  /** block → slot of every block resident in the region. */
+  readonly index: Map<number, number>;
+  /** Bumped on every change of the export's contents; a cache fill that saw it move is dropped. */
+  generation: number;
+}
+
+export interface StoreStats {
+  capacityPages: number;
+  freePages: number;
+  dirtyPages: number;
+  cleanPages: number;
+  backpressureWaits: number;
+  oldestDirtyMs: number | null;
+}
+
+export class PmemStore {
+  readonly exports: StoreExport[] = [];
+  dirtyCount = 0;
+  backpressureWaits = 0;
+  /** Clean slots in the order they became clean: eviction takes the oldest unpinned one. */
+  private readonly cleanQueue = new Set<number>();
+  private slotWaiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
+  private unpinWaiters = new Map<number, Array<() => void>>();
+  /** Slots to release once their writeback finishes (superseded or invalidated while pinned). */
+  private readonly releaseOnUnpin: Uint8Array;
+  /** Slots out of service (superseded or invalidated) whose entry is not yet cleared. */
+  private readonly detached: Uint8Array;
+  /** Called when writes are waiting for slots or dirty pages pile up: the writeback worker's kick. */
+  onPressure: () => void = () => undefined;
+
+  constructor(
+    readonly region: PmemRegion,
+    readonly cache: ReadCache,
+  ) {
+    this.releaseOnUnpin = new Uint8Array(region.pageCount);
+    this.detached = new Uint8Array(region.pageCount);
+  }
+
+  addExport(name: string, backing: BlockDevice): StoreExport {
+    const e: StoreExport = { id: this.region.exportId(name), name, backing, index: new Map(), generation: 0 };
+    this.exports[e.id] = e;
+    return e;
+  }
+
+  get waitingForSlots(): number {
+    return this.slotWaiters.length;
+  }
+
+  /** A slot for new data: free, else the oldest clean unpinned page (evicted into the read cache), else -1. */
+  tryTakeSlot(): number {
+    const r = this.region;
+    const free = r.takeFree();
+    if (free >= 0) return free;
+    for (const slot of this.cleanQueue) {
+      if (r.slotPins[slot] !== 0) continue;
+      this.cleanQueue.delete(slot);
+      const e = this.exports[r.slotExport[slot]!]!;
+      const block = r.slotBlock[slot]!;
+      e.index.delete(block);
+      // Still equal to the backing file: worth keeping as a clean cached block.
+      this.cache.insert(e.id, block, r.page(slot));
+      // Not pushed to the free list: the caller fills and commits it at once.
+      r.clearEntry(slot);
+      return slot;
+    }
+    return -1;
+  }
+
+  /** A slot for new data, waiting for writeback when the region is full of dirty pages (backpressure). */
+  async takeSlot(): Promise<number> {
+    for (;;) {
+      const slot = this.tryTakeSlot();
+      if (slot >= 0) return slot;
+      this.backpressureWaits++;
+      await new Promise<void>((resolve, reject) => {
+        this.slotWaiters.push({ resolve, reject });
+        this.onPressure();
+      });
+    }
+  }
+
+  /** Return a slot taken with takeSlot but not used. */
+  giveBack(slot: number): void {
+    this.region.release(slot);
+    this.notifySlots();
+  }
+
+  /** Wake writers waiting for slots (called when pages become clean or free). */
+  notifySlots(): void {
+    const w = this.slotWaiters;
+    if (w.length === 0) return;
+    this.slotWaiters = [];
+    for (const f of w) f.resolve();
+  }
+
+  /** Writeback is failing (e.g. the backing disk is full): writers waiting for a page get the error. */
+  failSlotWaiters(err: unknown): void {
+    const w = this.slotWaiters;
+    this.slotWaiters = [];
+    for (const f of w) f.reject(err);
+  }
+
+  /** Slot holds new dirty data for (e, block): make it the block's page and retire the old one. */
+  installDirty(e: StoreExport, block: number, slot: number): void {
+    const r = this.region;
+    r.commit(slot, e.id, block);
+    const old = e.index.get(block);
+    e.index.set(block, slot);
+    if (r.slotState[slot] !== SLOT_DIRTY) {
+      if (r.slotState[slot] === SLOT_CLEAN) this.cleanQueue.delete(slot);
+      r.slotState[slot] = SLOT_DIRTY;
+      r.slotDirtySince[slot] = Date.now();
+      this.dirtyCount++;
+    }
+    if (old !== undefined && old !== slot) this.retire(old);
+    e.generation++;
+  }
+
+  /** Drop a slot that no longer holds the current version of its block (its replacement is committed). */
+  retire(slot: number): void {
+    this.detach(slot);
+    this.releaseDetached(slot);
+  }
+
+  /**
+   * Take a slot out of service (no longer dirty, clean or evictable) but keep its page table entry, so a
+   * crash before releaseDetached still recovers its data. The caller has removed it from the index.
+   */
+  detach(slot: number): void {
+    const r = this.region;
+    if (r.slotState[slot] === SLOT_DIRTY) this.dirtyCount--;
+    else if (r.slotState[slot] === SLOT_CLEAN) this.cleanQueue.delete(slot);
+    r.slotState[slot] = SLOT_FREE;
+    this.detached[slot] = 1;
+  }
+
+  /** Release a detached slot: clear its entry and free it, or do so when its writeback finishes. */
+  releaseDetached(slot: number): void {
+    const r = this.region;
+    if (r.slotPins[slot] !== 0) {
+      // A writeback is reading it. Until it finishes the entry stays; recovery resolves duplicates by
+      // sequence number (the newer page wins).
+      this.releaseOnUnpin[slot] = 1;
+      return;
+    }
+    this.detached[slot] = 0;
+    r.release(slot);
+    this.notifySlots();
+  }
+
+  pin(slot: number): void {
+    this.region.slotPins[slot]!++;
+  }
+
+  /** Writeback of slot finished; if it still holds seq, the page is now clean. */
+  unpin(slot: number, writtenSeq: number | null): void {
+    const r = this.region;
+    r.slotPins[slot]!--;
+    if (r.slotPins[slot] === 0) {
+      if (this.releaseOnUnpin[slot]) {
+        this.releaseOnUnpin[slot] = 0;
+        this.detached[slot] = 0;
+        r.release(slot);
+      } else if (writtenSeq !== null && !this.detached[slot] && r.slotState[slot] === SLOT_DIRTY && r.slotSeq[slot] === writtenSeq) {
+        r.slotState[slot] = SLOT_CLEAN;
+        this.dirtyCount--;
+        this.cleanQueue.add(slot);
+      }
+      const waiters = this.unpinWaiters.get(slot);
+      if (waiters) {
+        this.unpinWaiters.delete(slot);
+        for (const f of waiters) f();
+      }
+    }
+    this.notifySlots();
+  }
+
+  /** Resolves when no writeback holds slot. */
+  async waitUnpinned(slot: number): Promise<void> {
+    while (this.region.slotPins[slot] !== 0) {
+      await new Promise<void>((resolve) => {
+        const list = this.unpinWaiters.get(slot) ?? [];
+        list.push(resolve);
+        this.unpinWaiters.set(slot, list);
+      });
+    }
+  }
+
+  stats(now = Date.now()): StoreStats {
+    const r = this.region;
+    let oldest = Infinity;
+    if (this.dirtyCount > 0) {
+      for (let s = 0; s < r.pageCount; s++) if (r.slotState[s] === SLOT_DIRTY && r.slotDirtySince[s]! < oldest) oldest = r.slotDirtySince[s]!;
+    }
+    return {
+      capacityPages: r.pageCount,
+      freePages: r.freeCount,
+      dirtyPages: this.dirtyCount,
+      cleanPages: this.cleanQueue.size,
+      backpressureWaits: this.backpressureWaits,
+      oldestDirtyMs: oldest === Infinity ? null : now - oldest,
+    };
+  }
+}
+
+export { PAGE_SIZE, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE };

@@ -1,0 +1,209 @@
+// The writeback worker: copies dirty region pages to the backing files in offset order, coalescing
+// neighbouring blocks into large writes. It runs between a high and a low watermark of dirty pages, when
+// writers wait for free pages, when a page gets older than the age limit, and on demand for FLUSH/FUA.
+// A page becomes clean (reusable) only after its backing write — and, in pmem durability, the backing
+// fdatasync — completed.
+
+import type { Logger } from '../log';
+import { PAGE_SIZE, SLOT_DIRTY, type PmemStore, type StoreExport } from './pmem-store';
+
+export interface WritebackOptions {
+  /** Start writing back at this many dirty pages… */
+  highPages: number;
+  /** …and stop at this many. */
+  lowPages: number;
+  /** Write back any page dirty for longer than this (ms). */
+  maxAgeMs: number;
+  /** fdatasync the backing file before pages count as clean (the region is the only copy until then). */
+  syncBeforeClean: boolean;
+}
+
+/** Pages written back per batch (one export, sorted by block). */
+const BATCH_PAGES = 4096;
+/** Longest coalesced backing write, in pages (1 MiB). */
+const MAX_RUN_PAGES = 256;
+/** Backing writes in flight at once per batch. */
+const RUNS_IN_FLIGHT = 4;
+/** Pause before retrying a failed writeback (ms): a full disk is not fixed in a microsecond. */
+const RETRY_MS = 200;
+
+interface Run {
+  e: StoreExport;
+  block: number;
+  slots: number[];
+  seqs: number[];
+}
+
+export class Writeback {
+  bytesWritten = 0;
+  private running = false;
+  private draining = false;
+  private stopped = false;
+  private timer: NodeJS.Timeout;
+  private idleWaiters: Array<() => void> = [];
+  /** Woken whenever a batch of backing writes finishes. */
+  private batchWaiters: Array<() => void> = [];
+
+  constructor(
+    private readonly store: PmemStore,
+    private readonly opts: WritebackOptions,
+    private readonly log: Logger,
+  ) {
+    store.onPressure = () => this.kick();
+    this.timer = setInterval(() => this.kick(), Math.max(50, Math.min(1000, opts.maxAgeMs / 2)));
+    this.timer.unref();
+  }
+
+  /** Start a background pass if there is reason to (watermark, waiting writers, old pages). */
+  kick(): void {
+    if (this.running || this.stopped) return;
+    if (!this.needed()) return;
+    this.running = true;
+    void this.loop().finally(() => {
+      this.running = false;
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
+    });
+  }
+
+  private needed(): boolean {
+    const s = this.store;
+    if (s.dirtyCount >= this.opts.highPages) this.draining = true;
+    if (s.dirtyCount <= this.opts.lowPages) this.draining = false;
+    if (this.draining || s.waitingForSlots > 0) return s.dirtyCount > 0;
+    const age = s.stats().oldestDirtyMs;
+    return age !== null && age >= this.opts.maxAgeMs;
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.stopped && this.needed()) {
+      const runs = this.pick(null, Infinity);
+      if (runs.length === 0) {
+        // Everything dirty is already being written; wait a moment for those writes.
+        await new Promise((r) => setTimeout(r, 1));
+        continue;
+      }
+      try {
+        await this.write(runs);
+      } catch (err) {
+        // The pages stay dirty and are retried; a full disk must not lose region data. Writers stuck
+        // waiting for a free page get the error instead of hanging until space is freed.
+        this.log.error({ err }, 'writeback failed; retrying');
+        this.store.failSlotWaiters(err);
+        await new Promise((r) => setTimeout(r, RETRY_MS));
+      }
+    }
+  }
+
+  /**
+   * Write back every page of export e that was committed with a sequence number ≤ maxSeq (all of them by
+   * default), then fdatasync its backing file: what FLUSH and FUA need in disk durability.
+   */
+  async flushExport(e: StoreExport, maxSeq = Infinity): Promise<void> {
+    for (;;) {
+      const runs = this.pick(e, maxSeq);
+      if (runs.length > 0) {
+        await this.write(runs);
+        continue;
+      }
+      if (!this.pinnedDirty(e, maxSeq)) break;
+      // Some of them are being written by another pass: wait for a batch to finish and look again.
+      await new Promise<void>((r) => this.batchWaiters.push(r));
+    }
+    await e.backing.flush();
+  }
+
+  private pinnedDirty(e: StoreExport, maxSeq: number): boolean {
+    const r = this.store.region;
+    for (const slot of e.index.values()) {
+      if (r.slotState[slot] === SLOT_DIRTY && r.slotSeq[slot]! <= maxSeq && r.slotPins[slot] !== 0) return true;
+    }
+    return false;
+  }
+
+  /** Choose dirty unpinned pages (of one export), pin them, and group them into runs of adjacent blocks. */
+  private pick(only: StoreExport | null, maxSeq: number): Run[] {
+    const s = this.store;
+    const r = s.region;
+    let e = only;
+    if (e === null) {
+      // The export holding the oldest dirty page goes first.
+      let oldest = Infinity;
+      for (let slot = 0; slot < r.pageCount; slot++) {
+        if (r.slotState[slot] === SLOT_DIRTY && r.slotPins[slot] === 0 && r.slotDirtySince[slot]! < oldest) {
+          oldest = r.slotDirtySince[slot]!;
+          e = s.exports[r.slotExport[slot]!] ?? null;
+        }
+      }
+      if (e === null) return [];
+    }
+    const picked: Array<[number, number]> = [];
+    for (const [block, slot] of e.index) {
+      if (r.slotState[slot] !== SLOT_DIRTY || r.slotPins[slot] !== 0 || r.slotSeq[slot]! > maxSeq) continue;
+      picked.push([block, slot]);
+      if (picked.length >= BATCH_PAGES) break;
+    }
+    picked.sort((a, b) => a[0] - b[0]);
+    const runs: Run[] = [];
+    for (const [block, slot] of picked) {
+      s.pin(slot);
+      const last = runs[runs.length - 1];
+      if (last && last.block + last.slots.length === block && last.slots.length < MAX_RUN_PAGES) {
+        last.slots.push(slot);
+        last.seqs.push(r.slotSeq[slot]!);
+      } else {
+        runs.push({ e, block, slots: [slot], seqs: [r.slotSeq[slot]!] });
+      }
+    }
+    return runs;
+  }
+
+  /** Write runs to their backing file (a few at a time); pages count as clean only when it is done. */
+  private async write(runs: Run[]): Promise<void> {
+    const s = this.store;
+    let failed: unknown = null;
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < runs.length) {
+        const run = runs[next++]!;
+        // Copy out of the region so a page reused later cannot change what this write puts on disk.
+        const buf = Buffer.allocUnsafe(run.slots.length * PAGE_SIZE);
+        run.slots.forEach((slot, i) => s.region.page(slot).copy(buf, i * PAGE_SIZE));
+        const len = Math.min(buf.length, run.e.backing.size - run.block * PAGE_SIZE);
+        try {
+          await run.e.backing.pwrite(buf.subarray(0, len), run.block * PAGE_SIZE);
+          this.bytesWritten += len;
+        } catch (err) {
+          failed ??= err;
+          (run as Run & { failed?: boolean }).failed = true;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(RUNS_IN_FLIGHT, runs.length) }, worker));
+    if (failed === null && this.opts.syncBeforeClean) {
+      const exports = new Set(runs.map((r) => r.e));
+      try {
+        for (const e of exports) await e.backing.flush();
+      } catch (err) {
+        failed = err;
+        for (const run of runs) (run as Run & { failed?: boolean }).failed = true;
+      }
+    }
+    for (const run of runs) {
+      const ok = !(run as Run & { failed?: boolean }).failed;
+      run.slots.forEach((slot, i) => s.unpin(slot, ok ? run.seqs[i]! : null));
+    }
+    const w = this.batchWaiters;
+    this.batchWaiters = [];
+    for (const f of w) f();
+    if (failed !== null) throw failed;
+  }
+
+  /** Stop the background pass (after this, only flushExport writes). */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearInterval(this.timer);
+    if (this.running) await new Promise<void>((r) => this.idleWaiters.push(r));
+  }
+}
