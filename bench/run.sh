@@ -10,7 +10,7 @@
 # dist/ during the run (a shared worktree) cannot change the server under test.
 #
 # Usage:
-#   npm run bench                                   # 3 reps x 5 s + 1 s ramp (about 15-20 min)
+#   npm run bench                                   # 3 reps x 5 s + 1 s ramp (about 13-16 min)
 #   npm run bench -- --reps 1 --runtime 3           # quick look; any nbd-bench.sh option passes through
 #   BENCH_PEERS='nbdkit-file' npm run bench         # other peer builtins (see bench/fio/nbd-bench.sh --list)
 #   BENCH_PMEM_SIZE=2G npm run bench                # pass --pmem-size to the pmem target
@@ -75,8 +75,10 @@ for c in "${checks[@]}"; do
 done
 if ((${#missing[@]})); then
   say "missing tools: $(IFS=,; echo "${missing[*]}" | sed 's/,/, /g')"
-  ((${#via_deps[@]})) && say "install them as root with: ./scripts/install-deps.sh   (Debian/Ubuntu; installs $(printf '%s\n' "${via_deps[@]}" | sort -u | tr '\n' ' ')and the other test clients)"
-  ((${#via_apt[@]})) && say "also needed (not in install-deps.sh): apt-get install $(printf '%s\n' "${via_apt[@]}" | sort -u | tr '\n' ' ')"
+  ((${#via_deps[@]})) && say "install as root with: ./scripts/install-deps.sh   (Debian/Ubuntu; installs $(printf '%s\n' "${via_deps[@]}" | sort -u | paste -sd' ') and the other test clients)"
+  ((${#via_apt[@]})) && say "not installed by install-deps.sh; as root: apt-get install $(printf '%s\n' "${via_apt[@]}" | sort -u | paste -sd' ')"
+  command -v fio >/dev/null && ! fio --enghelp=nbd >/dev/null 2>&1 &&
+    say "note: $(command -v fio) has no nbd engine; it needs a fio built with libnbd (Debian's fio package is)"
   say "optional: gcc (memcpy probe), iperf3 (loopback TCP context), openssl (fast random source)"
   exit 3
 fi

@@ -26,6 +26,7 @@ export type ErrorCode =
   | 'NO_MEMORY'
   | 'USAGE'
   | 'LOCKED'
+  | 'CORRUPT'
   | 'PEER';
 
 export abstract class NbdmirrorError extends Error {
@@ -84,6 +85,10 @@ export class UsageError extends NbdmirrorError {
 export class LockedError extends NbdmirrorError {
   readonly code = 'LOCKED';
 }
+/** On-disk state we own (pmem region, node file) is damaged: the operator has to decide what to do. */
+export class CorruptStateError extends NbdmirrorError {
+  readonly code = 'CORRUPT';
+}
 /** The remote NBD server answered a request with an error (client side). */
 export class PeerError extends NbdmirrorError {
   readonly code = 'PEER';
@@ -121,6 +126,7 @@ export function toNbdErrno(err: unknown): number {
         return NBD_ENOMEM;
       case 'IO':
       case 'LOCKED':
+      case 'CORRUPT':
         return NBD_EIO;
       case 'PEER':
         return (err as PeerError).errno || NBD_EIO;

@@ -8,7 +8,7 @@ import type { FileHandle } from 'node:fs/promises';
 import * as path from 'node:path';
 import { type Address, type Config, formatAddress } from './config';
 import { HttpControl, sendJson } from './control/http';
-import { UsageError } from './errors';
+import { CorruptStateError, UsageError } from './errors';
 import type { Logger } from './log';
 import { ExportRegistry, type ExportHandle } from './server/exports';
 import { NbdServer } from './server/listener';
@@ -58,13 +58,13 @@ async function loadNodeUuid(dataDir: string): Promise<string> {
   try {
     const j = JSON.parse(await fsp.readFile(file, 'utf8')) as { version?: number; uuid?: string };
     if (j.version !== NODE_FILE_VERSION || typeof j.uuid !== 'string' || !/^[0-9a-f-]{36}$/.test(j.uuid)) {
-      throw new UsageError(`${file} is not a valid node file (version ${NODE_FILE_VERSION} with a uuid)`);
+      throw new CorruptStateError(`${file} is not a valid node file (version ${NODE_FILE_VERSION} with a uuid)`);
     }
     return j.uuid;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
-      if (err instanceof UsageError) throw err;
-      throw new UsageError(`cannot read ${file}: ${(err as Error).message}`);
+      if (err instanceof CorruptStateError) throw err;
+      throw new CorruptStateError(`cannot read ${file}: ${(err as Error).message}`);
     }
   }
   const uuid = randomUUID();

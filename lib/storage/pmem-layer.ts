@@ -198,10 +198,16 @@ export class PmemLayer implements BlockDevice {
     const backing = await this.e.backing.extents(offset, length);
     const first = Math.floor(offset / PAGE_SIZE);
     const last = Math.floor((offset + length - 1) / PAGE_SIZE);
+    const index = this.e.index;
     const resident: number[] = [];
-    for (const b of this.e.index.keys()) if (b >= first && b <= last) resident.push(b);
+    if (last - first + 1 <= index.size) {
+      // Small range (every READ asks, to send holes): look its blocks up.
+      for (let b = first; b <= last; b++) if (index.has(b)) resident.push(b);
+    } else {
+      for (const b of index.keys()) if (b >= first && b <= last) resident.push(b);
+      resident.sort((a, b) => a - b);
+    }
     if (resident.length === 0) return backing;
-    resident.sort((a, b) => a - b);
     return overlayData(backing, offset, resident);
   }
 
@@ -273,12 +279,21 @@ export class PmemLayer implements BlockDevice {
       }
       e.generation++;
       s.cache.invalidate(e.id, first, last);
-      await Promise.all(dropped.map((slot) => s.waitUnpinned(slot)));
+      // Wait for every writeback of these blocks, not only of the dropped slots: a superseded version's
+      // write may still be in flight and would otherwise land after the backing op.
+      await s.waitBlocksIdle(e, first, last);
     }
     try {
       await backingOp();
     } finally {
       for (const slot of dropped) s.releaseDetached(slot);
+      if (last >= first) {
+        // A read that missed while backingOp ran read the old bytes from the backing file: make it drop
+        // its cache fill (generation), and drop any fill it already made, or the old data would be served
+        // from the cache after the TRIM/WRITE_ZEROES completed.
+        e.generation++;
+        s.cache.invalidate(e.id, first, last);
+      }
     }
   }
 

@@ -16,7 +16,7 @@ import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
 import * as fsext from 'fs-ext';
 import mmap from '@riaskov/mmap-io';
-import { LockedError, UsageError } from '../errors';
+import { CorruptStateError, LockedError, UsageError } from '../errors';
 
 export const PAGE_SIZE = 4096;
 const MAGIC = Buffer.from('NBDMPMEM');
@@ -142,7 +142,7 @@ export class PmemRegion {
       region.freeList = Array.from({ length: pageCount }, (_, i) => pageCount - 1 - i);
       return { region, recovery, created: !existed };
     } catch (err) {
-      await fh.close();
+      await unlockAndClose(fh);
       throw err;
     }
   }
@@ -150,19 +150,19 @@ export class PmemRegion {
   /** Read an existing region file (any geometry) and collect its valid pages. */
   private static async scanExisting(fh: fsp.FileHandle, file: string, nodeUuid: string, fileSize: number): Promise<RecoveryReport> {
     const hint = `move ${file} away to start with an empty region (writes not yet flushed to the backing files would be lost)`;
-    if (fileSize < HEADER_SIZE) throw new UsageError(`pmem region ${file} is truncated (${fileSize} bytes): ${hint}`);
+    if (fileSize < HEADER_SIZE) throw new CorruptStateError(`pmem region ${file} is truncated (${fileSize} bytes): ${hint}`);
     const header = Buffer.alloc(HEADER_SIZE);
     await fh.read(header, 0, HEADER_SIZE, 0);
-    if (!header.subarray(0, 8).equals(MAGIC)) throw new UsageError(`pmem region ${file} has no valid header (bad magic): ${hint}`);
+    if (!header.subarray(0, 8).equals(MAGIC)) throw new CorruptStateError(`pmem region ${file} has no valid header (bad magic): ${hint}`);
     const version = header.readUInt32BE(8);
-    if (version !== REGION_VERSION) throw new UsageError(`pmem region ${file} has layout version ${version}, this server reads ${REGION_VERSION}: ${hint}`);
+    if (version !== REGION_VERSION) throw new CorruptStateError(`pmem region ${file} has layout version ${version}, this server reads ${REGION_VERSION}: ${hint}`);
     const pageSize = header.readUInt32BE(12);
     const pageCount = header.readUInt32BE(16);
     const uuid = header.subarray(24, 40).toString('hex');
-    if (pageSize !== PAGE_SIZE || pageCount === 0) throw new UsageError(`pmem region ${file} has an invalid geometry: ${hint}`);
-    if (uuid !== nodeUuid.replace(/-/g, '')) throw new UsageError(`pmem region ${file} belongs to another node (${uuid}): ${hint}`);
+    if (pageSize !== PAGE_SIZE || pageCount === 0) throw new CorruptStateError(`pmem region ${file} has an invalid geometry: ${hint}`);
+    if (uuid !== nodeUuid.replace(/-/g, '')) throw new CorruptStateError(`pmem region ${file} belongs to another node (${uuid}): ${hint}`);
     const l = layout(pageCount);
-    if (fileSize < l.fileSize) throw new UsageError(`pmem region ${file} is truncated (${fileSize} of ${l.fileSize} bytes): ${hint}`);
+    if (fileSize < l.fileSize) throw new CorruptStateError(`pmem region ${file} is truncated (${fileSize} of ${l.fileSize} bytes): ${hint}`);
     const names = readExportTable(header);
     const map = mmap.map(l.fileSize, mmap.PROT_READ, mmap.MAP_SHARED, fh.fd, 0);
     const table = map.subarray(l.tableOffset, l.tableOffset + pageCount * ENTRY_SIZE);
@@ -300,8 +300,22 @@ export class PmemRegion {
   /** Close; with remove, also delete the file (a clean stop: nothing in it is needed any more). */
   async close(remove = false): Promise<void> {
     if (remove) await fsp.rm(this.file, { force: true });
-    await this.fh.close();
+    await unlockAndClose(this.fh);
   }
+}
+
+/**
+ * Release the flock explicitly, then close. A mapping of the file holds a reference to the open file
+ * description, and mmap-io only unmaps when the Buffer is garbage-collected, so closing the fd alone would
+ * leave the region locked (a reopen in the same process got LockedError) until some later GC.
+ */
+async function unlockAndClose(fh: fsp.FileHandle): Promise<void> {
+  try {
+    fsext.flockSync(fh.fd, 'un');
+  } catch {
+    // Not locked (the open failed at the lock) or already closed: nothing to release.
+  }
+  await fh.close();
 }
 
 function pageCrc(table: Buffer, e: number, page: Buffer): number {

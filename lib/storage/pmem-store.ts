@@ -37,6 +37,13 @@ export class PmemStore {
   private readonly releaseOnUnpin: Uint8Array;
   /** Slots out of service (superseded or invalidated) whose entry is not yet cleared. */
   private readonly detached: Uint8Array;
+  /**
+   * Writebacks in flight per (export, block), whatever version of the block they write (key: blockKey).
+   * A superseded version keeps its pin until its backing write finishes; without this count a newer version
+   * of the same block could be written (and a TRIM of it done) meanwhile, and the older write land last.
+   */
+  private readonly writing = new Map<number, number>();
+  private writingIdleWaiters: Array<() => void> = [];
   /** Called when writes are waiting for slots or dirty pages pile up: the writeback worker's kick. */
   onPressure: () => void = () => undefined;
 
@@ -161,13 +168,37 @@ export class PmemStore {
   }
 
   pin(slot: number): void {
-    this.region.slotPins[slot]!++;
+    const r = this.region;
+    r.slotPins[slot]!++;
+    const k = blockKey(r.slotExport[slot]!, r.slotBlock[slot]!);
+    this.writing.set(k, (this.writing.get(k) ?? 0) + 1);
+  }
+
+  /** Whether a writeback of any version of the block is in flight (a new one must wait for it). */
+  isWriting(exportId: number, block: number): boolean {
+    return this.writing.has(blockKey(exportId, block));
+  }
+
+  /** Resolves when no writeback of any version of blocks first..last of e is in flight. */
+  async waitBlocksIdle(e: StoreExport, first: number, last: number): Promise<void> {
+    const lo = blockKey(e.id, first);
+    const hi = blockKey(e.id, last);
+    const busy = (): boolean => {
+      for (const k of this.writing.keys()) if (k >= lo && k <= hi) return true;
+      return false;
+    };
+    while (busy()) await new Promise<void>((resolve) => this.writingIdleWaiters.push(resolve));
   }
 
   /** Writeback of slot finished; if it still holds seq, the page is now clean. */
   unpin(slot: number, writtenSeq: number | null): void {
     const r = this.region;
     r.slotPins[slot]!--;
+    // Taken before a release below clears the slot's export.
+    const k = blockKey(r.slotExport[slot]!, r.slotBlock[slot]!);
+    const writers = this.writing.get(k)! - 1;
+    if (writers > 0) this.writing.set(k, writers);
+    else this.writing.delete(k);
     if (r.slotPins[slot] === 0) {
       if (this.releaseOnUnpin[slot]) {
         this.releaseOnUnpin[slot] = 0;
@@ -183,6 +214,11 @@ export class PmemStore {
         this.unpinWaiters.delete(slot);
         for (const f of waiters) f();
       }
+    }
+    if (writers === 0 && this.writingIdleWaiters.length > 0) {
+      const w = this.writingIdleWaiters;
+      this.writingIdleWaiters = [];
+      for (const f of w) f();
     }
     this.notifySlots();
   }
@@ -213,6 +249,11 @@ export class PmemStore {
       oldestDirtyMs: oldest === Infinity ? null : now - oldest,
     };
   }
+}
+
+/** One number per (export, block), as the read cache keys them: ids below 2^13 and blocks below 2^40 stay exact. */
+function blockKey(exportId: number, block: number): number {
+  return exportId * 2 ** 40 + block;
 }
 
 export { PAGE_SIZE, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE };

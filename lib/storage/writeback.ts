@@ -116,8 +116,9 @@ export class Writeback {
 
   private pinnedDirty(e: StoreExport, maxSeq: number): boolean {
     const r = this.store.region;
-    for (const slot of e.index.values()) {
-      if (r.slotState[slot] === SLOT_DIRTY && r.slotSeq[slot]! <= maxSeq && r.slotPins[slot] !== 0) return true;
+    for (const [block, slot] of e.index) {
+      // Pinned, or held back by pick() because an older version of its block is being written.
+      if (r.slotState[slot] === SLOT_DIRTY && r.slotSeq[slot]! <= maxSeq && (r.slotPins[slot] !== 0 || this.store.isWriting(e.id, block))) return true;
     }
     return false;
   }
@@ -131,7 +132,7 @@ export class Writeback {
       // The export holding the oldest dirty page goes first.
       let oldest = Infinity;
       for (let slot = 0; slot < r.pageCount; slot++) {
-        if (r.slotState[slot] === SLOT_DIRTY && r.slotPins[slot] === 0 && r.slotDirtySince[slot]! < oldest) {
+        if (r.slotState[slot] === SLOT_DIRTY && r.slotPins[slot] === 0 && r.slotDirtySince[slot]! < oldest && !s.isWriting(r.slotExport[slot]!, r.slotBlock[slot]!)) {
           oldest = r.slotDirtySince[slot]!;
           e = s.exports[r.slotExport[slot]!] ?? null;
         }
@@ -141,6 +142,9 @@ export class Writeback {
     const picked: Array<[number, number]> = [];
     for (const [block, slot] of e.index) {
       if (r.slotState[slot] !== SLOT_DIRTY || r.slotPins[slot] !== 0 || r.slotSeq[slot]! > maxSeq) continue;
+      // An older version of the block is still being written: writing this one now could let the older
+      // write land last (backing reordering), leaving the backing file stale under a page marked clean.
+      if (s.isWriting(e.id, block)) continue;
       picked.push([block, slot]);
       if (picked.length >= BATCH_PAGES) break;
     }

@@ -35,6 +35,7 @@ const CATALOGUE: Record<string, { code: string; errno: number; args?: unknown[] 
   NoMemoryError: { code: 'NO_MEMORY', errno: ENOMEM },
   UsageError: { code: 'USAGE', errno: EINVAL },
   LockedError: { code: 'LOCKED', errno: EIO },
+  CorruptStateError: { code: 'CORRUPT', errno: EIO },
   // The remote server's errno is passed through as it is.
   PeerError: { code: 'PEER', errno: ENOTSUP, args: [ENOTSUP] },
 };
