@@ -473,6 +473,7 @@ t.test('backing filesystem full: ENOSPC to the client, no crash, no lost data; w
   let flushedUpTo = 0; // every write below this offset was acknowledged before a successful FLUSH began
   let ackedUpTo = 0;
   let sawNoSpace = false;
+  const noSpaceFrom = { write: 0, flush: 0 };
   const CHUNK = 256 * KiB;
   let next = 0;
   const done: boolean[] = [];
@@ -490,8 +491,10 @@ t.test('backing filesystem full: ENOSPC to the client, no crash, no lost data; w
         uncertain.push({ off, data });
         if (err instanceof PeerError) {
           errnos.push(err.errno);
-          if (err.errno === NBD_ENOSPC) sawNoSpace = true;
-          else otherErrors.push(`WRITE at ${off}: ${err.message}`);
+          if (err.errno === NBD_ENOSPC) {
+            sawNoSpace = true;
+            noSpaceFrom.write++;
+          } else otherErrors.push(`WRITE at ${off}: ${err.message}`);
         } else {
           otherErrors.push(`WRITE at ${off}: ${(err as Error).message}`);
           sawNoSpace = true; // stop: the connection is gone
@@ -509,8 +512,10 @@ t.test('backing filesystem full: ENOSPC to the client, no crash, no lost data; w
       } catch (err) {
         if (err instanceof PeerError) {
           errnos.push(err.errno);
-          if (err.errno === NBD_ENOSPC) sawNoSpace = true;
-          else otherErrors.push(`FLUSH: ${err.message}`);
+          if (err.errno === NBD_ENOSPC) {
+            sawNoSpace = true;
+            noSpaceFrom.flush++;
+          } else otherErrors.push(`FLUSH: ${err.message}`);
         } else {
           otherErrors.push(`FLUSH: ${(err as Error).message}`);
           sawNoSpace = true;
@@ -519,7 +524,7 @@ t.test('backing filesystem full: ENOSPC to the client, no crash, no lost data; w
     }
   };
   await withTimeout(Promise.all([writer(), writer(), writer(), writer(), flusher()]), 45_000, 'filling the filesystem');
-  t.ok(errnos.includes(NBD_ENOSPC), `the client got ENOSPC (errnos seen: ${JSON.stringify([...new Set(errnos)])}; ${(ackedUpTo / MiB).toFixed(2)} MiB acknowledged, ${(flushedUpTo / MiB).toFixed(2)} MiB flushed)`);
+  t.ok(errnos.includes(NBD_ENOSPC), `the client got ENOSPC (errnos seen: ${JSON.stringify([...new Set(errnos)])}, ENOSPC from ${noSpaceFrom.write} write(s) and ${noSpaceFrom.flush} flush(es); ${(ackedUpTo / MiB).toFixed(2)} MiB acknowledged, ${(flushedUpTo / MiB).toFixed(2)} MiB flushed)`);
   t.same(otherErrors, [], 'no other error (no EIO, no dropped connection)');
   t.notOk(srv.exited, 'the server did not crash');
   const full = await getStatus(srv.httpPort);
