@@ -136,6 +136,7 @@ export class PmemRegion {
       await fh.truncate(0);
       const l = layout(pageCount);
       await fh.truncate(l.fileSize);
+      await preallocate(fh, l.fileSize, opts.file);
       const map = mmap.map(l.fileSize, 3 /* PROT_READ | PROT_WRITE */, mmap.MAP_SHARED, fh.fd, 0);
       const region = new PmemRegion(opts.file, fh, map, pageCount);
       region.writeHeader(opts.nodeUuid);
@@ -316,6 +317,28 @@ async function unlockAndClose(fh: fsp.FileHandle): Promise<void> {
     // Not locked (the open failed at the lock) or already closed: nothing to release.
   }
   await fh.close();
+}
+
+/**
+ * Write the whole file once. A store into a mapped page that the filesystem cannot back (tmpfs full) kills
+ * the process with SIGBUS, so every page is allocated now, where a full filesystem is a clear error.
+ */
+async function preallocate(fh: fsp.FileHandle, size: number, file: string): Promise<void> {
+  const chunk = Buffer.alloc(1 << 20);
+  try {
+    for (let pos = 0; pos < size; pos += chunk.length) {
+      const n = Math.min(chunk.length, size - pos);
+      let done = 0;
+      while (done < n) done += (await fh.write(chunk, done, n - done, pos + done)).bytesWritten;
+    }
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOSPC' || code === 'EDQUOT') {
+      await fh.truncate(0);
+      throw new UsageError(`not enough space for the pmem region ${file} (${size} bytes): lower --pmem-size or choose another --pmem-dir`);
+    }
+    throw err;
+  }
 }
 
 function pageCrc(table: Buffer, e: number, page: Buffer): number {

@@ -15,7 +15,7 @@ export async function startTestNode(
   opts: { exports?: string[]; readOnly?: boolean; dataDir?: string } = {},
 ): Promise<NbdmirrorNode & { port: number; dataDir: string }> {
   const dataDir = opts.dataDir ?? path.join(t.testdir(), 'data');
-  const argv = ['--listen', '127.0.0.1:0', '--http', '127.0.0.1:0', '--data-dir', dataDir, '--pmem-dir', path.join(dataDir, 'pmem')];
+  const argv = ['--listen', '127.0.0.1:0', '--http', '127.0.0.1:0', '--data-dir', dataDir, '--pmem-dir', path.join(dataDir, 'pmem'), '--pmem-size', '16M'];
   for (const e of opts.exports ?? ['disk0=64M']) argv.push('--export', e);
   if (opts.readOnly) argv.push('--read-only');
   const loaded = loadConfig(argv, {});

@@ -133,6 +133,10 @@ export async function startServer(t: TapLike, opts: StartOptions = {}): Promise<
   if (!bare && flagValue(extra, '--pmem-dir') === undefined && opts.env?.NBDMIRROR_PMEM_DIR === undefined) {
     args.push('--pmem-dir', path.join(dataDir, 'pmem'));
   }
+  // A small region unless a test asks otherwise: it is preallocated at every start, and tests start many.
+  if (!bare && flagValue(extra, '--pmem-size') === undefined && opts.env?.NBDMIRROR_PMEM_SIZE === undefined) {
+    args.push('--pmem-size', '16M');
+  }
   args.push(...extra);
 
   const child: ChildProcess = spawn(process.execPath, args, {
