@@ -43,9 +43,14 @@ export class PmemStore {
    * of the same block could be written (and a TRIM of it done) meanwhile, and the older write land last.
    */
   private readonly writing = new Map<number, number>();
+  /** The writing key of each pinned slot, kept from pin() so unpin() never depends on the slot's entry. */
+  private readonly pinKey: Float64Array;
   private writingIdleWaiters: Array<() => void> = [];
   /** Called when writes are waiting for slots or dirty pages pile up: the writeback worker's kick. */
   onPressure: () => void = () => undefined;
+  /** Dirty page count at which installDirty kicks writeback (its high watermark). */
+  kickAt = Infinity;
+  private kickQueued = false;
 
   constructor(
     readonly region: PmemRegion,
@@ -53,6 +58,7 @@ export class PmemStore {
   ) {
     this.releaseOnUnpin = new Uint8Array(region.pageCount);
     this.detached = new Uint8Array(region.pageCount);
+    this.pinKey = new Float64Array(region.pageCount);
   }
 
   addExport(name: string, backing: BlockDevice): StoreExport {
@@ -129,7 +135,14 @@ export class PmemStore {
       if (r.slotState[slot] === SLOT_CLEAN) this.cleanQueue.delete(slot);
       r.slotState[slot] = SLOT_DIRTY;
       r.slotDirtySince[slot] = Date.now();
-      this.dirtyCount++;
+      if (++this.dirtyCount >= this.kickAt && !this.kickQueued) {
+        // Deferred: the writer finishes its own bookkeeping before a writeback pass can look at the slots.
+        this.kickQueued = true;
+        setImmediate(() => {
+          this.kickQueued = false;
+          this.onPressure();
+        });
+      }
     }
     if (old !== undefined && old !== slot) this.retire(old);
     e.generation++;
@@ -171,6 +184,7 @@ export class PmemStore {
     const r = this.region;
     r.slotPins[slot]!++;
     const k = blockKey(r.slotExport[slot]!, r.slotBlock[slot]!);
+    this.pinKey[slot] = k;
     this.writing.set(k, (this.writing.get(k) ?? 0) + 1);
   }
 
@@ -194,9 +208,8 @@ export class PmemStore {
   unpin(slot: number, writtenSeq: number | null): void {
     const r = this.region;
     r.slotPins[slot]!--;
-    // Taken before a release below clears the slot's export.
-    const k = blockKey(r.slotExport[slot]!, r.slotBlock[slot]!);
-    const writers = this.writing.get(k)! - 1;
+    const k = this.pinKey[slot]!;
+    const writers = (this.writing.get(k) ?? 1) - 1;
     if (writers > 0) this.writing.set(k, writers);
     else this.writing.delete(k);
     if (r.slotPins[slot] === 0) {

@@ -50,6 +50,7 @@ export class Writeback {
     private readonly log: Logger,
   ) {
     store.onPressure = () => this.kick();
+    store.kickAt = Math.max(1, opts.highPages);
     this.timer = setInterval(() => this.kick(), Math.max(50, Math.min(1000, opts.maxAgeMs / 2)));
     this.timer.unref();
   }

@@ -521,7 +521,7 @@ t.test('random model test: BackingFile, pmem durability (real async I/O undernea
 
 t.test('random model test: two exports share the region (eviction and writeback across exports)', async (t) => {
   const size = 300 * PS;
-  const s = await stack(t, { size, high: 160, low: 40, maxAgeMs: 30, cacheBytes: 16 * PS });
+  const s = await stack(t, { size, maxAgeMs: 30, cacheBytes: 16 * PS });
   const dev2 = new Hooked(new MemoryDevice({ size: size + 5000 }));
   const se2 = s.store.addExport('second', dev2);
   const layer2 = new PmemLayer(s.store, se2, s.wb, 'disk');
@@ -627,7 +627,7 @@ t.test('concurrent partial writes to one page all survive', async (t) => {
 });
 
 t.test('concurrent partial writes to one page while the region is full and writeback is slow', async (t) => {
-  const s = await stack(t, { size: 2 * MiB, high: 200, low: 100 });
+  const s = await stack(t, { size: 2 * MiB });
   const { layer, dev } = s;
   const expect = Buffer.alloc(2 * MiB);
   const fill = pattern(MIN_PAGES * PS, 3);
@@ -1033,7 +1033,7 @@ async function writeBackTo(dev: BlockDevice, report: RecoveryReport): Promise<vo
 
 t.test('crash: reopening the region file recovers every acknowledged write', async (t) => {
   const size = 2 * MiB + 512;
-  const s = await stack(t, { size, durability: 'pmem', high: 128, low: 32 });
+  const s = await stack(t, { size, durability: 'pmem' });
   const { layer, dev } = s;
   const model = Buffer.alloc(size);
   const rnd = prng(31337);

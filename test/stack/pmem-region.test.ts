@@ -2,7 +2,7 @@
 // and the next open hands the newest valid version of every block to writeBack in sequence order; torn pages
 // and entries (bytes changed in the file after the commit) are counted and never returned; superseded versions
 // are counted; a damaged header (magic, version, geometry, another node's uuid, truncation) is refused with a
-// UsageError that names the file and says to move it away, leaving the file as it was; a second open is
+// CorruptStateError that names the file and says to move it away, leaving the file as it was; a second open is
 // refused with LockedError; sizes below the minimum are refused; a geometry change recovers with the old
 // geometry and then recreates; clearAll and close(remove); export names persist in the header; a writeBack
 // that throws leaves the file intact so that the next open recovers again.
@@ -13,7 +13,7 @@ import * as path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { existsSync, openSync, closeSync, readSync, writeSync, statSync, ftruncateSync, readFileSync } from 'node:fs';
 import { MAX_REGION_EXPORTS, MIN_REGION_PAGES, PAGE_SIZE, PmemRegion, type RecoveryReport } from '../../lib/storage/pmem-region';
-import { LockedError, UsageError } from '../../lib/errors';
+import { CorruptStateError, LockedError, UsageError } from '../../lib/errors';
 
 const PS = 4096;
 const HEADER = 16 * 1024;
@@ -328,7 +328,8 @@ async function refused(t: Test, file: string, uuid: string, what: RegExp, msg: s
     },
     (e: unknown) => e,
   );
-  t.type(err, UsageError, `${msg}: UsageError`);
+  t.type(err, CorruptStateError, `${msg}: CorruptStateError`);
+  t.notOk(err instanceof UsageError, `${msg}: not a usage error (the server exits 1, not 2)`);
   const m = (err as Error | null)?.message ?? '';
   t.match(m, what, `${msg}: says what is wrong`);
   t.ok(m.includes(file), `${msg}: names the file`);
@@ -337,7 +338,7 @@ async function refused(t: Test, file: string, uuid: string, what: RegExp, msg: s
   t.ok(readFileSync(file).equals(before), `${msg}: the file is left as it was`);
 }
 
-t.test('a damaged header is refused with a UsageError that says to move the file away', async (t) => {
+t.test('a damaged header is refused with a CorruptStateError that says to move the file away', async (t) => {
   const dir = t.testdir();
   {
     const file = path.join(dir, 'magic.pmem');
@@ -540,4 +541,16 @@ t.test('the in-memory bookkeeping of a slot follows commit, clearEntry and relea
   t.equal(r.slotSeq[slot], 0);
   t.equal(r.freeCount, 256);
   t.equal(put(r, r.takeFree(), id, 78, 1), seq + 1, 'sequence numbers keep counting');
+});
+
+t.test('close releases the lock at once, while the old mapping is still referenced (not yet unmapped)', async (t) => {
+  const file = path.join(t.testdir(), 'r.pmem');
+  const uuid = randomUUID();
+  const a = await open(t, file, uuid);
+  put(a.region, 0, a.region.exportId('disk'), 1, 1);
+  const view = a.region.page(0); // keeps the mapping (and with it the open file description) alive
+  await a.region.close();
+  const b = await open(t, file, uuid); // was LockedError: the mapping still held the flock
+  t.same(summary(b.recovery), [['disk', 1, 1]]);
+  t.equal(view.length, PS, 'the old mapping is still referenced here (its bytes must not be touched: the file was recreated)');
 });
