@@ -475,8 +475,17 @@ t.test('backing filesystem full: ENOSPC to the client, no crash, no lost data; w
   let sawNoSpace = false;
   const noSpaceFrom = { write: 0, flush: 0 };
   const CHUNK = 256 * KiB;
-  let next = 0;
   const done: boolean[] = [];
+  // First 4 MiB written and flushed while there is room: the data that must survive whatever follows.
+  const FIRST = 4 * MiB;
+  const first = randomBytes(FIRST);
+  await c.pwrite(first, 0);
+  await c.flush();
+  first.copy(known, 0);
+  for (let off = 0; off < FIRST; off += CHUNK) done[off / CHUNK] = true;
+  flushedUpTo = ackedUpTo = FIRST;
+  let next = FIRST;
+  let flushes = 0;
   const writer = async (): Promise<void> => {
     while (!sawNoSpace && next + CHUNK <= EXPORT) {
       const off = next;
@@ -508,6 +517,7 @@ t.test('backing filesystem full: ENOSPC to the client, no crash, no lost data; w
       const covered = ackedUpTo;
       try {
         await c.flush();
+        flushes++;
         flushedUpTo = Math.max(flushedUpTo, covered);
       } catch (err) {
         if (err instanceof PeerError) {
@@ -524,7 +534,7 @@ t.test('backing filesystem full: ENOSPC to the client, no crash, no lost data; w
     }
   };
   await withTimeout(Promise.all([writer(), writer(), writer(), writer(), flusher()]), 45_000, 'filling the filesystem');
-  t.ok(errnos.includes(NBD_ENOSPC), `the client got ENOSPC (errnos seen: ${JSON.stringify([...new Set(errnos)])}, ENOSPC from ${noSpaceFrom.write} write(s) and ${noSpaceFrom.flush} flush(es); ${(ackedUpTo / MiB).toFixed(2)} MiB acknowledged, ${(flushedUpTo / MiB).toFixed(2)} MiB flushed)`);
+  t.ok(errnos.includes(NBD_ENOSPC), `the client got ENOSPC (errnos seen: ${JSON.stringify([...new Set(errnos)])}, ENOSPC from ${noSpaceFrom.write} write(s) and ${noSpaceFrom.flush} flush(es); ${(ackedUpTo / MiB).toFixed(2)} MiB acknowledged, ${(flushedUpTo / MiB).toFixed(2)} MiB flushed by ${flushes + 1} successful FLUSHes)`);
   t.same(otherErrors, [], 'no other error (no EIO, no dropped connection)');
   t.notOk(srv.exited, 'the server did not crash');
   const full = await getStatus(srv.httpPort);
