@@ -46,6 +46,12 @@ export interface BlockDevice {
   /** Fill buf with the bytes at offset (buf.length bytes). */
   pread(buf: Buffer, offset: number): Promise<void>;
   pwrite(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;
+  /**
+   * Optional fast path: write the buffers (back to back from offset) synchronously if that needs no waiting
+   * (e.g. into already allocated space of a file, which lands in the page cache); false = nothing was
+   * written, use pwrite. Throws like pwrite on failure.
+   */
+  pwriteNow?(bufs: readonly Buffer[], offset: number): boolean;
   /** Make every write completed before this call durable (on all connections). */
   flush(): Promise<void>;
   trim(offset: number, length: number, flags?: WriteFlags): Promise<void>;

@@ -229,9 +229,17 @@ export class PmemRegion {
     return id;
   }
 
+  /** Views of the pages, made once each (the hot path would otherwise allocate one per access). */
+  private readonly views: Array<Buffer | undefined> = [];
+
   /** The page of a slot, as a view into the mapping. */
   page(slot: number): Buffer {
-    return this.pages.subarray(slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE);
+    let v = this.views[slot];
+    if (v === undefined) {
+      v = this.pages.subarray(slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE);
+      this.views[slot] = v;
+    }
+    return v;
   }
 
   get freeCount(): number {

@@ -30,7 +30,7 @@ export class PmemStore {
   dirtyCount = 0;
   backpressureWaits = 0;
   /** Clean slots in the order they became clean: eviction takes the oldest unpinned one. */
-  private readonly cleanQueue = new Set<number>();
+  private readonly cleanQueue = new CleanQueue();
   private slotWaiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
   private unpinWaiters = new Map<number, Array<() => void>>();
   /** Slots to release once their writeback finishes (superseded or invalidated while pinned). */
@@ -76,9 +76,14 @@ export class PmemStore {
     const r = this.region;
     const free = r.takeFree();
     if (free >= 0) return free;
-    for (const slot of this.cleanQueue) {
-      if (r.slotPins[slot] !== 0) continue;
-      this.cleanQueue.delete(slot);
+    // Each clean page is looked at once at most; pinned ones go back to the end of the queue.
+    for (let tries = this.cleanQueue.size; tries > 0; tries--) {
+      const slot = this.cleanQueue.shift();
+      if (slot < 0) break;
+      if (r.slotPins[slot] !== 0) {
+        this.cleanQueue.add(slot);
+        continue;
+      }
       const e = this.exports[r.slotExport[slot]!]!;
       const block = r.slotBlock[slot]!;
       e.index.delete(block);
@@ -270,3 +275,41 @@ function blockKey(exportId: number, block: number): number {
 }
 
 export { PAGE_SIZE, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE };
+
+/**
+ * Clean slots in the order they became clean. A Set would do, but V8's ordered hash tables keep deleted
+ * entries as holes until they rehash, so taking the oldest entry again and again scans a growing run of
+ * holes. This is a FIFO of slot numbers with lazy deletion: membership lives in a flag per slot.
+ */
+class CleanQueue {
+  private fifo: number[] = [];
+  private head = 0;
+  private readonly member = new Map<number, true>();
+
+  get size(): number {
+    return this.member.size;
+  }
+
+  add(slot: number): void {
+    if (this.member.has(slot)) return;
+    this.member.set(slot, true);
+    this.fifo.push(slot);
+  }
+
+  delete(slot: number): void {
+    this.member.delete(slot);
+  }
+
+  /** The oldest member, removed; -1 when empty. */
+  shift(): number {
+    while (this.head < this.fifo.length) {
+      const slot = this.fifo[this.head++]!;
+      if (this.head > 4096 && this.head * 2 > this.fifo.length) {
+        this.fifo = this.fifo.slice(this.head);
+        this.head = 0;
+      }
+      if (this.member.delete(slot)) return slot;
+    }
+    return -1;
+  }
+}
