@@ -1,9 +1,12 @@
-# nbdmirror-server image. Multi-stage: build (TypeScript + the fs-ext native addon) → small runtime.
+# nbdmirror-server image. Multi-stage: build (TypeScript + the fs-ext and mmap-io native addons) → small runtime.
 # Configuration is through NBDMIRROR_* variables (every flag has one); data lives in the /data volume.
+# The pmem region lives in /dev/shm (a tmpfs), which Docker sizes at 64 MiB by default: run with
+# --shm-size larger than --pmem-size (e.g. `docker run --shm-size=512m …`), or the server refuses to start
+# with "not enough space for the pmem region".
 
 FROM node:20-bookworm-slim AS build
 WORKDIR /app
-# fs-ext is a native addon: node-gyp needs python3, make and a C++ compiler.
+# fs-ext and @riaskov/mmap-io are native addons: node-gyp needs python3, make and a C++ compiler.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 make g++ \
  && rm -rf /var/lib/apt/lists/*
@@ -17,7 +20,8 @@ FROM node:20-bookworm-slim
 ENV NODE_ENV=production \
     NBDMIRROR_LISTEN=0.0.0.0:10809 \
     NBDMIRROR_HTTP=0.0.0.0:9810 \
-    NBDMIRROR_DATA_DIR=/data
+    NBDMIRROR_DATA_DIR=/data \
+    NBDMIRROR_PMEM_DIR=/dev/shm
 WORKDIR /app
 COPY --from=build /app/package.json ./
 COPY --from=build /app/node_modules ./node_modules
