@@ -8,7 +8,7 @@
 //   the rest of that block with zeros, so stale bytes of a trimmed block can never reappear;
 // - a block becomes deallocated by clearing its bit, which is written out before the request is acknowledged.
 
-import { promises as fsp, constants as fsc, writevSync } from 'node:fs';
+import { promises as fsp, constants as fsc, writeSync, writevSync } from 'node:fs';
 import * as path from 'node:path';
 import * as fsext from 'fs-ext';
 import { AllocMap } from './alloc-map';
@@ -107,14 +107,24 @@ export class BackingFile implements BlockDevice {
     if (flags.fua) await this.flush();
   }
 
-  /** Synchronous write into blocks that are all allocated (a buffered write: a copy into the page cache). */
+  /**
+   * Synchronous buffered write (a copy into the page cache): into allocated blocks, or whole blocks over
+   * holes of the file; anything else (padding, stale trimmed bytes) is left to the async path.
+   */
   pwriteNow(bufs: readonly Buffer[], offset: number): boolean {
     let length = 0;
     for (const b of bufs) length += b.length;
     if (length === 0) return true;
     const first = Math.floor(offset / ALLOC_BLOCK_SIZE);
     const last = Math.floor((offset + length - 1) / ALLOC_BLOCK_SIZE);
-    if (!this.map.allSet(first, last)) return false;
+    const end = offset + length;
+    const allocating = !this.map.allSet(first, last);
+    if (allocating) {
+      // Whole blocks only (no zero padding needed), and only over holes: a trimmed block that still holds
+      // old bytes needs the fdatasync ordering of the async path.
+      if (offset % ALLOC_BLOCK_SIZE !== 0 || (end % ALLOC_BLOCK_SIZE !== 0 && end !== this.size)) return false;
+      if (this.holdsStaleBytes(first, last)) return false;
+    }
     this.dirty = true;
     let done = 0;
     let parts = bufs;
@@ -122,6 +132,15 @@ export class BackingFile implements BlockDevice {
       const n = writevSync(this.img.fd, parts as Buffer[], offset + done);
       done += n;
       if (done < length) parts = remaining(bufs, done);
+    }
+    if (allocating) {
+      // After the data, as in writeRange: a block is marked allocated only once its bytes are written.
+      const range = this.map.setRange(first, last, true);
+      if (range !== null) {
+        const bytes = Buffer.from(this.map.bits.buffer, this.map.bits.byteOffset + range.start, range.end - range.start);
+        let w = 0;
+        while (w < bytes.length) w += writeSync(this.mapFile.fd, bytes, w, bytes.length - w, ALLOC_HEADER + range.start + w);
+      }
     }
     this.dirty = true;
     return true;
