@@ -593,3 +593,25 @@ t.test('allocating a trimmed block that still holds old bytes syncs its data bef
   img.datasync = realSync;
   await dev.close();
 });
+
+t.test('pwriteNow: synchronous into allocated blocks or whole blocks over holes; otherwise declines', async (t) => {
+  const dir = t.testdir();
+  const dev = await open(t, dir, 1 << 20);
+  const a = Buffer.alloc(4096, 0x31);
+  const b = Buffer.alloc(4096, 0x32);
+  t.equal(dev.pwriteNow([a, b], 8 * 4096), true, 'two whole blocks over a hole');
+  t.same((await dev.extents(8 * 4096, 2 * 4096)).map((e) => e.flags), [0], 'now allocated');
+  t.equal(dev.pwriteNow([Buffer.alloc(512, 1)], 8 * 4096 + 512), true, 'a partial write into allocated space');
+  t.equal(dev.pwriteNow([Buffer.alloc(512, 1)], 20 * 4096), false, 'a partial block over a hole needs zero padding');
+  t.equal(dev.pwriteNow([Buffer.alloc(4096, 1)], 30 * 4096 + 1), false, 'unaligned over a hole');
+  await dev.pwrite(Buffer.alloc(4096, 0x77), 40 * 4096);
+  await dev.trim(40 * 4096, 4096);
+  if (fsReportsHoles(dir)) t.equal(dev.pwriteNow([a], 40 * 4096), false, 'a trimmed block with old bytes: async path');
+  await dev.close();
+  const again = await open(t, dir, 1 << 20);
+  const back = await read(again, 8 * 4096, 2 * 4096);
+  t.ok(back.subarray(0, 512).equals(a.subarray(0, 512)));
+  t.ok(back.subarray(512, 1024).equals(Buffer.alloc(512, 1)));
+  t.ok(back.subarray(4096).equals(b), 'data and allocation survive a reopen');
+  await again.close();
+});
