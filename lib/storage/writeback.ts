@@ -18,8 +18,13 @@ export interface WritebackOptions {
   syncBeforeClean: boolean;
 }
 
-/** Pages written back per batch (one export, sorted by block); with synchronous writes ~5 ms of work. */
-const BATCH_PAGES = 1024;
+/**
+ * Pages written back per batch (one export, sorted by block). Backing writes are mostly synchronous, so a
+ * batch is an event-loop stall: 256 pages keep it near a millisecond.
+ */
+const BATCH_PAGES = 256;
+/** Dirty pages looked at (and sorted) per batch, so that pages dirtied in random order still coalesce. */
+const CANDIDATE_PAGES = 4096;
 /** Longest coalesced backing write, in pages (1 MiB). */
 const MAX_RUN_PAGES = 256;
 /** Backing writes in flight at once per batch. */
@@ -131,6 +136,8 @@ export class Writeback {
     const s = this.store;
     const r = s.region;
     let e = only;
+    const live = s.exports.filter((x) => x !== undefined);
+    if (e === null && live.length === 1) e = live[0]!;
     if (e === null) {
       // The export holding the oldest dirty page goes first.
       let oldest = Infinity;
@@ -149,19 +156,23 @@ export class Writeback {
       // write land last (backing reordering), leaving the backing file stale under a page marked clean.
       if (s.isWriting(e.id, block)) continue;
       picked.push([block, slot]);
-      if (picked.length >= BATCH_PAGES) break;
+      if (picked.length >= CANDIDATE_PAGES) break;
     }
+    // Sort a wide set of candidates so neighbours coalesce, but write only about BATCH_PAGES of them now.
     picked.sort((a, b) => a[0] - b[0]);
     const runs: Run[] = [];
+    let taken = 0;
     for (const [block, slot] of picked) {
-      s.pin(slot);
       const last = runs[runs.length - 1];
       if (last && last.block + last.slots.length === block && last.slots.length < MAX_RUN_PAGES) {
         last.slots.push(slot);
         last.seqs.push(r.slotSeq[slot]!);
       } else {
+        if (taken >= BATCH_PAGES) break;
         runs.push({ e, block, slots: [slot], seqs: [r.slotSeq[slot]!] });
       }
+      s.pin(slot);
+      taken++;
     }
     return runs;
   }
