@@ -13,6 +13,7 @@ import type { Logger } from './log';
 import { ExportRegistry, type ExportHandle } from './server/exports';
 import { NbdServer } from './server/listener';
 import { BackingFile, checkCapacity, lockDataDir } from './storage/backing-file';
+import type { BlockIndex } from './storage/block-index';
 import { PmemLayer } from './storage/pmem-layer';
 import { PAGE_SIZE, PmemRegion, type RecoveryReport } from './storage/pmem-region';
 import { PmemStore } from './storage/pmem-store';
@@ -115,7 +116,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
       },
       log.child({ component: 'writeback' }),
     );
-    const layers: Array<{ name: string; layer: PmemLayer; index: Map<number, number> }> = [];
+    const layers: Array<{ name: string; layer: PmemLayer; index: BlockIndex }> = [];
     const handles: ExportHandle[] = [];
     for (const e of config.exports) {
       const se = store.addExport(e.name, backings.get(e.name)!);

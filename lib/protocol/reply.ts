@@ -47,26 +47,45 @@ export function encodeChunkHeader(cookie: bigint, flags: number, type: number, l
   return b;
 }
 
-/** NBD_REPLY_TYPE_NONE with DONE: the final chunk of a successful reply. */
-export function encodeNoneChunk(cookie: bigint): Buffer {
-  return encodeChunkHeader(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
+/** NBD_REPLY_TYPE_NONE with DONE: the final chunk of a successful reply (into target at off, if given). */
+export function encodeNoneChunk(cookie: bigint, target: Buffer = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE), off = 0): Buffer {
+  writeChunkHeader(target, off, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
+  return target;
 }
 
 /** Header + offset of an OFFSET_DATA chunk (28 bytes); the caller sends dataLength bytes of data after it. */
-export function encodeOffsetDataHeader(cookie: bigint, flags: number, offset: number, dataLength: number): Buffer {
-  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + 8);
-  writeChunkHeader(b, 0, cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + dataLength);
-  b.writeBigUInt64BE(BigInt(offset), STRUCTURED_REPLY_HEADER_SIZE);
-  return b;
+export function encodeOffsetDataHeader(
+  cookie: bigint,
+  flags: number,
+  offset: number,
+  dataLength: number,
+  target: Buffer = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + 8),
+  off = 0,
+): Buffer {
+  writeChunkHeader(target, off, cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + dataLength);
+  writeU64(target, off + STRUCTURED_REPLY_HEADER_SIZE, offset);
+  return target;
 }
 
 /** A complete OFFSET_HOLE chunk (32 bytes). */
-export function encodeOffsetHole(cookie: bigint, flags: number, offset: number, size: number): Buffer {
-  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + 12);
-  writeChunkHeader(b, 0, cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
-  b.writeBigUInt64BE(BigInt(offset), STRUCTURED_REPLY_HEADER_SIZE);
-  b.writeUInt32BE(size >>> 0, STRUCTURED_REPLY_HEADER_SIZE + 8);
-  return b;
+export function encodeOffsetHole(
+  cookie: bigint,
+  flags: number,
+  offset: number,
+  size: number,
+  target: Buffer = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + 12),
+  off = 0,
+): Buffer {
+  writeChunkHeader(target, off, cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+  writeU64(target, off + STRUCTURED_REPLY_HEADER_SIZE, offset);
+  target.writeUInt32BE(size >>> 0, off + STRUCTURED_REPLY_HEADER_SIZE + 8);
+  return target;
+}
+
+/** A non-negative integer below 2^53 as a big-endian u64 (two 32-bit words: no BigInt on the hot path). */
+function writeU64(b: Buffer, off: number, v: number): void {
+  b.writeUInt32BE(Math.floor(v / 0x1_0000_0000), off);
+  b.writeUInt32BE(v >>> 0, off + 4);
 }
 
 /** A complete BLOCK_STATUS chunk for one meta context. extents must be non-empty. */

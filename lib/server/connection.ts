@@ -27,6 +27,8 @@ import {
   NBD_STATE_HOLE,
   OPTION_HEADER_SIZE,
   REQUEST_SIZE,
+  SIMPLE_REPLY_SIZE,
+  STRUCTURED_REPLY_HEADER_SIZE,
   nameOfCmd,
   nameOfOpt,
 } from '../protocol/constants';
@@ -44,7 +46,7 @@ import {
 import { decodeRequest, type Request } from '../protocol/request';
 import { type NbdmirrorError, ProtocolError, ShutdownError, toNbdErrno } from '../errors';
 import type { Logger } from '../log';
-import type { BlockDevice } from '../storage/block-device';
+import type { BlockDevice, WriteFlags } from '../storage/block-device';
 import type { ExportRegistry } from './exports';
 import {
   BASE_ALLOCATION_ID,
@@ -69,6 +71,15 @@ export const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
 export const SHUTDOWN_GRACE_MS = 1000;
 
 const KNOWN_CLIENT_FLAGS = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
+
+/** Reply bytes gathered per tick go into slabs of this size. */
+const SLAB_SIZE = 64 * 1024;
+/** Read payloads up to this size are copied next to their header (cheaper than a write chunk of their own). */
+const COPY_PAYLOAD_MAX = 8 * 1024;
+const OFFSET_DATA_HEADER_SIZE = STRUCTURED_REPLY_HEADER_SIZE + 8;
+const OFFSET_HOLE_CHUNK_SIZE = STRUCTURED_REPLY_HEADER_SIZE + 12;
+const FUA: WriteFlags = Object.freeze({ fua: true });
+const NO_FLAGS: WriteFlags = Object.freeze({});
 
 type Phase = 'flags' | 'options' | 'transmission' | 'finishing' | 'closed';
 
@@ -280,34 +291,57 @@ export class Connection {
   }
 
   private dispatch(req: Request, payload: Buffer | null): void {
+    if (req.type === NBD_CMD_WRITE || req.type === NBD_CMD_TRIM || req.type === NBD_CMD_WRITE_ZEROES) this.wrote = true;
+    let p: Promise<void> | null;
+    try {
+      p = this.start(req, payload);
+    } catch (err) {
+      p = Promise.reject(err);
+    }
+    if (p === null) return; // done and answered already: nothing was in flight
     const bytes = req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE ? req.length : 0;
     this.inFlight++;
     this.inFlightBytes += bytes;
-    if (req.type === NBD_CMD_WRITE || req.type === NBD_CMD_TRIM || req.type === NBD_CMD_WRITE_ZEROES) this.wrote = true;
     this.maybePause();
-    this.execute(req, payload)
-      .catch((err: unknown) => this.replyError(req, err))
-      .finally(() => {
-        this.inFlight--;
-        this.inFlightBytes -= bytes;
-        this.maybeResume();
-        this.maybeFinish();
-      });
+    p.then(undefined, (err: unknown) => this.replyError(req, err)).then(() => {
+      this.inFlight--;
+      this.inFlightBytes -= bytes;
+      this.maybeResume();
+      this.maybeFinish();
+    });
+  }
+
+  /**
+   * Start a validated request: null when it completed synchronously and its reply is queued (a write the
+   * device took at once), else a promise that settles once the reply is queued (rejects with the device's
+   * error, which the caller turns into an error reply).
+   */
+  private start(req: Request, payload: Buffer | null): Promise<void> | null {
+    if (req.type === NBD_CMD_WRITE) {
+      const dev = this.device!;
+      const flags = (req.flags & NBD_CMD_FLAG_FUA) !== 0 ? FUA : NO_FLAGS;
+      const p = dev.pwriteFast !== undefined ? dev.pwriteFast(payload!, req.offset, flags) : dev.pwrite(payload!, req.offset, flags);
+      if (p === null) {
+        this.replySimple(req.cookie, 0);
+        // Nothing is in flight, but the client may not be reading its replies.
+        this.maybePause();
+        return null;
+      }
+      return p.then(() => this.replySimple(req.cookie, 0));
+    }
+    return this.execute(req);
   }
 
   // ---------------------------------------------------------------------------------------------------------
   // Acting on requests
 
   /** Run a validated request against the device and send its reply; rejects with the device's error. */
-  private async execute(req: Request, payload: Buffer | null): Promise<void> {
+  private async execute(req: Request): Promise<void> {
     const dev = this.device!;
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
     switch (req.type) {
       case NBD_CMD_READ:
         return this.read(dev, req);
-      case NBD_CMD_WRITE:
-        await dev.pwrite(payload!, req.offset, { fua });
-        break;
       case NBD_CMD_FLUSH:
         await dev.flush();
         break;
@@ -331,7 +365,7 @@ export class Connection {
       default:
         throw new Error(`execute: unvalidated command ${req.type}`);
     }
-    this.send([encodeSimpleReply(req.cookie, 0)]);
+    this.replySimple(req.cookie, 0);
   }
 
   private async read(dev: BlockDevice, req: Request): Promise<void> {
@@ -339,16 +373,23 @@ export class Connection {
     if (!this.structured) {
       const buf = Buffer.allocUnsafe(length);
       if (length > 0) await dev.pread(buf, offset);
-      this.send([encodeSimpleReply(cookie, 0), buf]);
+      if (this.closedForReplies()) return;
+      this.replySimple(cookie, 0);
+      this.replyData(buf);
       return;
     }
-    if (length === 0) return this.send([encodeNoneChunk(cookie)]);
+    if (length === 0) {
+      if (this.closedForReplies()) return;
+      const at = this.reserve(STRUCTURED_REPLY_HEADER_SIZE); // before reading this.slab: reserve may replace it
+      encodeNoneChunk(cookie, this.slab, at);
+      return;
+    }
     const df = (req.flags & NBD_CMD_FLAG_DF) !== 0;
     const extents: Extent[] = df || !dev.caps.extents ? [] : await dev.extents(offset, length);
     const buf = Buffer.allocUnsafe(length);
     await dev.pread(buf, offset);
+    if (this.closedForReplies()) return;
     // Content chunks: holes as OFFSET_HOLE, the rest as OFFSET_DATA; DF gets exactly one data chunk.
-    const parts: Buffer[] = [];
     let pos = 0;
     const chunks: Array<{ pos: number; len: number; hole: boolean }> = [];
     for (const e of extents) {
@@ -365,12 +406,18 @@ export class Connection {
       if (prev && !prev.hole) prev.len += length - pos;
       else chunks.push({ pos, len: length - pos, hole: false });
     }
-    chunks.forEach((c, i) => {
+    for (let i = 0; i < chunks.length; i++) {
+      const c = chunks[i]!;
       const flags = i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-      if (c.hole) parts.push(encodeOffsetHole(cookie, flags, offset + c.pos, c.len));
-      else parts.push(encodeOffsetDataHeader(cookie, flags, offset + c.pos, c.len), buf.subarray(c.pos, c.pos + c.len));
-    });
-    this.send(parts);
+      if (c.hole) {
+        const at = this.reserve(OFFSET_HOLE_CHUNK_SIZE);
+        encodeOffsetHole(cookie, flags, offset + c.pos, c.len, this.slab, at);
+      } else {
+        const at = this.reserve(OFFSET_DATA_HEADER_SIZE);
+        encodeOffsetDataHeader(cookie, flags, offset + c.pos, c.len, this.slab, at);
+        this.replyData(c.pos === 0 && c.len === length ? buf : buf.subarray(c.pos, c.pos + c.len));
+      }
+    }
   }
 
   private async blockStatus(dev: BlockDevice, req: Request): Promise<void> {
@@ -380,7 +427,7 @@ export class Connection {
       const first = extents[0]!;
       extents = [{ length: Math.min(first.length, req.length), flags: first.flags }];
     }
-    this.send([encodeBlockStatus(req.cookie, NBD_REPLY_FLAG_DONE, BASE_ALLOCATION_ID, extents)]);
+    this.send(encodeBlockStatus(req.cookie, NBD_REPLY_FLAG_DONE, BASE_ALLOCATION_ID, extents));
   }
 
   // ---------------------------------------------------------------------------------------------------------
@@ -393,38 +440,105 @@ export class Connection {
     this.log[expected ? 'debug' : 'warn']({ cmd: nameOfCmd(req.type), offset: req.offset, length: req.length, errno, err: message }, 'request failed');
     // READ and BLOCK_STATUS must use structured replies once negotiated; other commands may stay simple.
     if (this.structured && (req.type === NBD_CMD_READ || req.type === NBD_CMD_BLOCK_STATUS)) {
-      this.send([encodeErrorChunk(req.cookie, NBD_REPLY_FLAG_DONE, errno, message)]);
+      this.send(encodeErrorChunk(req.cookie, NBD_REPLY_FLAG_DONE, errno, message));
     } else {
-      this.send([encodeSimpleReply(req.cookie, errno)]);
+      this.replySimple(req.cookie, errno);
     }
   }
 
-  /**
-   * Queue one reply's buffers. The socket stays corked until the end of the current tick, so every reply
-   * completed in this tick (often dozens at queue depth) leaves in one writev instead of one syscall each.
-   */
-  private send(parts: Buffer[]): void {
-    if (this.socketClosed || this.socket.destroyed) return;
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(this.uncork);
-    }
-    for (const p of parts) this.socket.write(p);
+  // Replies are gathered per event-loop tick and leave in one socket write (a writev only when large read
+  // payloads ride along): headers, and read payloads up to COPY_PAYLOAD_MAX, are written into `slab`; bytes
+  // of the slab that were handed to the socket are never written again (a new slab is started instead).
+
+  private slab = Buffer.allocUnsafeSlow(SLAB_SIZE);
+  private slabStart = 0;
+  private slabPos = 0;
+  /** Buffers to write at the end of this tick, in order (the slab's pending bytes come after them). */
+  private out: Buffer[] = [];
+  private outBytes = 0;
+  private flushQueued = false;
+
+  /** No reply can be delivered any more (the socket is gone): replies are dropped. */
+  private closedForReplies(): boolean {
+    return this.socketClosed || this.socket.destroyed;
   }
 
-  private corked = false;
-  private readonly uncork = (): void => {
-    this.corked = false;
+  /** Room for n reply bytes at the end of the slab; returns their offset in this.slab. */
+  private reserve(n: number): number {
+    if (this.slabPos + n > this.slab.length) {
+      this.cutSlab();
+      this.slab = Buffer.allocUnsafeSlow(Math.max(SLAB_SIZE, n));
+      this.slabStart = 0;
+      this.slabPos = 0;
+    }
+    const at = this.slabPos;
+    this.slabPos += n;
+    if (!this.flushQueued) {
+      this.flushQueued = true;
+      process.nextTick(this.flushReplies);
+    }
+    return at;
+  }
+
+  private cutSlab(): void {
+    if (this.slabPos === this.slabStart) return;
+    this.out.push(this.slab.subarray(this.slabStart, this.slabPos));
+    this.outBytes += this.slabPos - this.slabStart;
+    this.slabStart = this.slabPos;
+  }
+
+  private replySimple(cookie: bigint, error: number): void {
+    if (this.closedForReplies()) return;
+    const at = this.reserve(SIMPLE_REPLY_SIZE); // before reading this.slab: reserve may start a new one
+    encodeSimpleReply(cookie, error, this.slab, at);
+  }
+
+  /** Read payload bytes that follow the header just queued. */
+  private replyData(data: Buffer): void {
+    if (data.length <= COPY_PAYLOAD_MAX) {
+      const at = this.reserve(data.length);
+      data.copy(this.slab, at);
+      return;
+    }
+    this.send(data);
+  }
+
+  /** Queue a buffer as it is (not copied; it must not change until written). */
+  private send(b: Buffer): void {
+    if (this.closedForReplies() || b.length === 0) return;
+    this.reserve(0); // schedules the flush
+    this.cutSlab();
+    this.out.push(b);
+    this.outBytes += b.length;
+  }
+
+  private readonly flushReplies = (): void => {
+    this.flushQueued = false;
+    this.cutSlab();
+    const out = this.out;
+    this.out = [];
+    this.outBytes = 0;
+    if (out.length === 0 || this.closedForReplies()) return;
+    if (out.length === 1) {
+      this.socket.write(out[0]!);
+      return;
+    }
+    this.socket.cork();
+    for (const b of out) this.socket.write(b);
     this.socket.uncork();
   };
+
+  /** Reply bytes queued: in the socket, plus those gathered this tick. */
+  private queuedReplyBytes(): number {
+    return this.socket.writableLength + this.outBytes + (this.slabPos - this.slabStart);
+  }
 
   private maybePause(): void {
     if (this.paused) return;
     if (
       this.inFlight >= MAX_IN_FLIGHT_REQUESTS ||
       this.inFlightBytes >= MAX_IN_FLIGHT_BYTES ||
-      this.socket.writableLength >= MAX_QUEUED_REPLY_BYTES
+      this.queuedReplyBytes() >= MAX_QUEUED_REPLY_BYTES
     ) {
       this.paused = true;
       this.socket.pause();
@@ -436,7 +550,7 @@ export class Connection {
     if (
       this.inFlight < MAX_IN_FLIGHT_REQUESTS &&
       this.inFlightBytes < MAX_IN_FLIGHT_BYTES &&
-      this.socket.writableLength < MAX_QUEUED_REPLY_BYTES
+      this.queuedReplyBytes() < MAX_QUEUED_REPLY_BYTES
     ) {
       this.paused = false;
       if (this.phase !== 'transmission') return;

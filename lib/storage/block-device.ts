@@ -47,6 +47,12 @@ export interface BlockDevice {
   pread(buf: Buffer, offset: number): Promise<void>;
   pwrite(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;
   /**
+   * Optional fast path of pwrite for the request hot path: null when the write already completed (with the
+   * guarantee pwrite's promise gives), else pwrite's promise. Saves the promises of a write that needs no
+   * waiting (e.g. copied into the pmem region).
+   */
+  pwriteFast?(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void> | null;
+  /**
    * Optional fast path: write the buffers (back to back from offset) synchronously if that needs no waiting
    * (e.g. into already allocated space of a file, which lands in the page cache); false = nothing was
    * written, use pwrite. Throws like pwrite on failure.

@@ -13,9 +13,10 @@
 
 import { promises as fsp, constants as fsc, existsSync } from 'node:fs';
 import * as path from 'node:path';
-import { crc32 } from 'node:zlib';
+import { crc32 } from '@node-rs/crc32';
 import * as fsext from 'fs-ext';
 import mmap from '@riaskov/mmap-io';
+import { mapPages, PageViews, type RegionGeometry } from './region-map';
 import { CorruptStateError, LockedError, UsageError } from '../errors';
 
 export const PAGE_SIZE = 4096;
@@ -29,6 +30,11 @@ const EXPORT_ENTRY_SIZE = 80; // u16 name length + up to 78 bytes of name
 export const MAX_REGION_EXPORTS = Math.floor((HEADER_SIZE - EXPORT_TABLE_OFFSET) / EXPORT_ENTRY_SIZE);
 /** Smallest region we accept: room for a few maximum-size (32 MiB) writes to stream through. */
 export const MIN_REGION_PAGES = 256;
+/**
+ * Largest region: its file must stay below 2 GiB, because mmap-io takes mapping offsets and lengths as
+ * 32-bit ints (it fails with EOVERFLOW/ENOMEM past them).
+ */
+export const MAX_REGION_PAGES = maxPages(2 ** 31 - PAGE_SIZE);
 
 export const SLOT_FREE = 0;
 export const SLOT_DIRTY = 1;
@@ -49,6 +55,13 @@ export interface RecoveryReport {
   superseded: number;
 }
 
+/** The most pages whose region file fits in fileBytes. */
+function maxPages(fileBytes: number): number {
+  let p = Math.floor((fileBytes - HEADER_SIZE) / (PAGE_SIZE + ENTRY_SIZE));
+  while (layout(p).fileSize > fileBytes) p--;
+  return p;
+}
+
 function layout(pageCount: number): { tableOffset: number; pagesOffset: number; fileSize: number } {
   const tableBytes = Math.ceil((pageCount * ENTRY_SIZE) / PAGE_SIZE) * PAGE_SIZE;
   const pagesOffset = HEADER_SIZE + tableBytes;
@@ -57,9 +70,11 @@ function layout(pageCount: number): { tableOffset: number; pagesOffset: number; 
 
 export class PmemRegion {
   readonly pageCount: number;
+  /** Header and page table (the pages are mapped separately, in chunks: see region-map.ts). */
   private readonly map: Buffer;
   private readonly table: Buffer;
-  private readonly pages: Buffer;
+  private readonly views: PageViews;
+  readonly geometry: RegionGeometry;
   private readonly exportIds = new Map<string, number>();
   private readonly exportNames: string[] = [];
 
@@ -78,13 +93,15 @@ export class PmemRegion {
     readonly file: string,
     private readonly fh: fsp.FileHandle,
     map: Buffer,
+    pageChunks: Buffer[],
     pageCount: number,
   ) {
     this.map = map;
     this.pageCount = pageCount;
     const l = layout(pageCount);
+    this.geometry = { pagesOffset: l.pagesOffset, pageCount };
     this.table = map.subarray(l.tableOffset, l.tableOffset + pageCount * ENTRY_SIZE);
-    this.pages = map.subarray(l.pagesOffset, l.pagesOffset + pageCount * PAGE_SIZE);
+    this.views = new PageViews(pageChunks);
     this.slotState = new Uint8Array(pageCount);
     this.slotExport = new Int32Array(pageCount).fill(-1);
     this.slotBlock = new Float64Array(pageCount);
@@ -115,9 +132,14 @@ export class PmemRegion {
     if (pageCount < MIN_REGION_PAGES) {
       throw new UsageError(`--pmem-size ${opts.size} is too small: at least ${MIN_REGION_PAGES * PAGE_SIZE} bytes`);
     }
+    if (pageCount > MAX_REGION_PAGES) {
+      throw new UsageError(`--pmem-size ${opts.size} is too large: at most ${MAX_REGION_PAGES * PAGE_SIZE} bytes (the region file must stay below 2 GiB)`);
+    }
     await fsp.mkdir(path.dirname(opts.file), { recursive: true });
     const existed = existsSync(opts.file);
     const fh = await fsp.open(opts.file, fsc.O_RDWR | fsc.O_CREAT, 0o600);
+    /** Set once the old contents are written back: from then on the file holds nothing anyone needs. */
+    let emptied = false;
     try {
       try {
         fsext.flockSync(fh.fd, 'exnb');
@@ -134,15 +156,19 @@ export class PmemRegion {
       await opts.writeBack(recovery);
       // Recovered pages are copies (not views), so the file can be recreated at the configured size.
       await fh.truncate(0);
+      emptied = true;
       const l = layout(pageCount);
       await fh.truncate(l.fileSize);
       await preallocate(fh, l.fileSize, opts.file);
-      const map = mmap.map(l.fileSize, 3 /* PROT_READ | PROT_WRITE */, mmap.MAP_SHARED, fh.fd, 0);
-      const region = new PmemRegion(opts.file, fh, map, pageCount);
+      const map = mmap.map(l.pagesOffset, 3 /* PROT_READ | PROT_WRITE */, mmap.MAP_SHARED, fh.fd, 0);
+      const region = new PmemRegion(opts.file, fh, map, mapPages(fh.fd, { pagesOffset: l.pagesOffset, pageCount }, true), pageCount);
       region.writeHeader(opts.nodeUuid);
       region.freeList = Array.from({ length: pageCount }, (_, i) => pageCount - 1 - i);
       return { region, recovery, created: !existed };
     } catch (err) {
+      // A region that failed to come up after its old contents were written back must not be left without
+      // a header: the next start would refuse it as damaged. Empty, it simply starts afresh.
+      if (emptied) await fh.truncate(0).catch(() => undefined);
       await unlockAndClose(fh);
       throw err;
     }
@@ -165,8 +191,9 @@ export class PmemRegion {
     const l = layout(pageCount);
     if (fileSize < l.fileSize) throw new CorruptStateError(`pmem region ${file} is truncated (${fileSize} of ${l.fileSize} bytes): ${hint}`);
     const names = readExportTable(header);
-    const map = mmap.map(l.fileSize, mmap.PROT_READ, mmap.MAP_SHARED, fh.fd, 0);
+    const map = mmap.map(l.pagesOffset, mmap.PROT_READ, mmap.MAP_SHARED, fh.fd, 0);
     const table = map.subarray(l.tableOffset, l.tableOffset + pageCount * ENTRY_SIZE);
+    const views = new PageViews(mapPages(fh.fd, { pagesOffset: l.pagesOffset, pageCount }, false));
     const newest = new Map<string, { seq: number; slot: number; exportName: string; block: number }>();
     let torn = 0;
     let superseded = 0;
@@ -176,7 +203,7 @@ export class PmemRegion {
       if (seq === 0) continue;
       const exportId = table.readUInt32BE(e + 8);
       const block = table.readUInt32BE(e + 12) * 0x1_0000_0000 + table.readUInt32BE(e + 16);
-      const page = map.subarray(l.pagesOffset + slot * PAGE_SIZE, l.pagesOffset + (slot + 1) * PAGE_SIZE);
+      const page = views.page(slot);
       const exportName = names[exportId];
       if (table.readUInt32BE(e + 20) !== pageCrc(table, e, page) || exportName === undefined) {
         torn++;
@@ -197,7 +224,7 @@ export class PmemRegion {
         exportName: p.exportName,
         block: p.block,
         seq: p.seq,
-        data: Buffer.from(map.subarray(l.pagesOffset + p.slot * PAGE_SIZE, l.pagesOffset + (p.slot + 1) * PAGE_SIZE)),
+        data: Buffer.from(views.page(p.slot)),
       }));
     return { pages, torn, superseded };
   }
@@ -229,17 +256,9 @@ export class PmemRegion {
     return id;
   }
 
-  /** Views of the pages, made once each (the hot path would otherwise allocate one per access). */
-  private readonly views: Array<Buffer | undefined> = [];
-
   /** The page of a slot, as a view into the mapping. */
   page(slot: number): Buffer {
-    let v = this.views[slot];
-    if (v === undefined) {
-      v = this.pages.subarray(slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE);
-      this.views[slot] = v;
-    }
-    return v;
+    return this.views.page(slot);
   }
 
   get freeCount(): number {
@@ -287,15 +306,8 @@ export class PmemRegion {
 
   /** Make region writes durable on a real PMEM/DAX mapping (msync; nearly free on tmpfs). */
   sync(): void {
+    for (const c of this.views.chunks) mmap.sync(c, 0, c.length, true, false);
     mmap.sync(this.map, 0, this.map.length, true, false);
-  }
-
-  syncSlot(slot: number): void {
-    const l = layout(this.pageCount);
-    const off = l.pagesOffset + slot * PAGE_SIZE;
-    mmap.sync(this.map, off, PAGE_SIZE, true, false);
-    const te = Math.floor((l.tableOffset + slot * ENTRY_SIZE) / PAGE_SIZE) * PAGE_SIZE;
-    mmap.sync(this.map, te, PAGE_SIZE, true, false);
   }
 
   /** Forget every page (after a clean stop wrote them all back): the next start has nothing to recover. */

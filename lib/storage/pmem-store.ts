@@ -2,6 +2,8 @@
 // with eviction of clean pages, backpressure when every page is dirty, and the counters the metrics read.
 // One store per node, shared by its exports (pmem-layer.ts) and the writeback worker (writeback.ts).
 
+import { BlockBitmap } from './block-bitmap';
+import { BlockIndex } from './block-index';
 import type { BlockDevice } from './block-device';
 import { PAGE_SIZE, PmemRegion, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE } from './pmem-region';
 import type { ReadCache } from './read-cache';
@@ -11,7 +13,17 @@ export interface StoreExport {
   readonly name: string;
   readonly backing: BlockDevice;
   /** block → slot of every block resident in the region. */
-  readonly index: Map<number, number>;
+  readonly index: BlockIndex;
+  /** Blocks whose resident page is dirty (exact: set ⇔ index → a SLOT_DIRTY slot). */
+  readonly dirty: BlockBitmap;
+  /**
+   * Blocks with a writeback in flight, whatever version of the block it writes. A superseded version keeps
+   * its pin until its backing write finishes; without this a newer version of the same block could be
+   * written (and a TRIM of it done) meanwhile, and the older write land last.
+   */
+  readonly writing: BlockBitmap;
+  /** Where the writeback worker's next sweep over `dirty` starts (it goes round in offset order). */
+  wbCursor: number;
   /** Bumped on every change of the export's contents; a cache fill that saw it move is dropped. */
   generation: number;
 }
@@ -30,21 +42,20 @@ export class PmemStore {
   dirtyCount = 0;
   backpressureWaits = 0;
   /** Clean slots in the order they became clean: eviction takes the oldest unpinned one. */
-  private readonly cleanQueue = new CleanQueue();
+  private readonly cleanQueue: CleanQueue;
+  /** Slots in the order they became dirty: its head is the oldest dirty page (writeback age, stats). */
+  private readonly dirtyQueue: DirtyQueue;
   private slotWaiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
   private unpinWaiters = new Map<number, Array<() => void>>();
   /** Slots to release once their writeback finishes (superseded or invalidated while pinned). */
   private readonly releaseOnUnpin: Uint8Array;
   /** Slots out of service (superseded or invalidated) whose entry is not yet cleared. */
   private readonly detached: Uint8Array;
-  /**
-   * Writebacks in flight per (export, block), whatever version of the block they write (key: blockKey).
-   * A superseded version keeps its pin until its backing write finishes; without this count a newer version
-   * of the same block could be written (and a TRIM of it done) meanwhile, and the older write land last.
-   */
-  private readonly writing = new Map<number, number>();
-  /** The writing key of each pinned slot, kept from pin() so unpin() never depends on the slot's entry. */
-  private readonly pinKey: Float64Array;
+  /** Second and later writebacks in flight of one block (key: blockKey): rare, the worker avoids them. */
+  private readonly writingExtra = new Map<number, number>();
+  /** The block of each pinned slot, kept from pin() so unpin() never depends on the slot's entry. */
+  private readonly pinExport: Int32Array;
+  private readonly pinBlock: Float64Array;
   private writingIdleWaiters: Array<() => void> = [];
   /** Called when writes are waiting for slots or dirty pages pile up: the writeback worker's kick. */
   onPressure: () => void = () => undefined;
@@ -56,13 +67,25 @@ export class PmemStore {
     readonly region: PmemRegion,
     readonly cache: ReadCache,
   ) {
+    this.cleanQueue = new CleanQueue(region.pageCount);
+    this.dirtyQueue = new DirtyQueue((slot, seq) => region.slotState[slot] === SLOT_DIRTY && region.slotSeq[slot] === seq);
     this.releaseOnUnpin = new Uint8Array(region.pageCount);
     this.detached = new Uint8Array(region.pageCount);
-    this.pinKey = new Float64Array(region.pageCount);
+    this.pinExport = new Int32Array(region.pageCount);
+    this.pinBlock = new Float64Array(region.pageCount);
   }
 
   addExport(name: string, backing: BlockDevice): StoreExport {
-    const e: StoreExport = { id: this.region.exportId(name), name, backing, index: new Map(), generation: 0 };
+    const e: StoreExport = {
+      id: this.region.exportId(name),
+      name,
+      backing,
+      index: new BlockIndex(),
+      dirty: new BlockBitmap(Math.ceil(backing.size / PAGE_SIZE)),
+      writing: new BlockBitmap(Math.ceil(backing.size / PAGE_SIZE)),
+      wbCursor: 0,
+      generation: 0,
+    };
     this.exports[e.id] = e;
     return e;
   }
@@ -141,6 +164,7 @@ export class PmemStore {
       if (r.slotState[slot] === SLOT_CLEAN) this.cleanQueue.delete(slot);
       r.slotState[slot] = SLOT_DIRTY;
       r.slotDirtySince[slot] = Date.now();
+      this.dirtyQueue.push(slot, r.slotSeq[slot]!);
       if (++this.dirtyCount >= this.kickAt && !this.kickQueued) {
         // Deferred: the writer finishes its own bookkeeping before a writeback pass can look at the slots.
         this.kickQueued = true;
@@ -150,6 +174,7 @@ export class PmemStore {
         });
       }
     }
+    e.dirty.set(block);
     if (old !== undefined && old !== slot) this.retire(old);
     e.generation++;
   }
@@ -166,8 +191,14 @@ export class PmemStore {
    */
   detach(slot: number): void {
     const r = this.region;
-    if (r.slotState[slot] === SLOT_DIRTY) this.dirtyCount--;
-    else if (r.slotState[slot] === SLOT_CLEAN) this.cleanQueue.delete(slot);
+    if (r.slotState[slot] === SLOT_DIRTY) {
+      this.dirtyCount--;
+      // Still dirty only if the block's current page (a replacement) is.
+      const e = this.exports[r.slotExport[slot]!]!;
+      const block = r.slotBlock[slot]!;
+      const cur = e.index.get(block);
+      if (cur === undefined || cur === slot || r.slotState[cur] !== SLOT_DIRTY) e.dirty.clear(block);
+    } else if (r.slotState[slot] === SLOT_CLEAN) this.cleanQueue.delete(slot);
     r.slotState[slot] = SLOT_FREE;
     this.detached[slot] = 1;
   }
@@ -189,23 +220,26 @@ export class PmemStore {
   pin(slot: number): void {
     const r = this.region;
     r.slotPins[slot]!++;
-    const k = blockKey(r.slotExport[slot]!, r.slotBlock[slot]!);
-    this.pinKey[slot] = k;
-    this.writing.set(k, (this.writing.get(k) ?? 0) + 1);
+    const e = this.exports[r.slotExport[slot]!]!;
+    const block = r.slotBlock[slot]!;
+    if (!e.writing.set(block)) {
+      const k = blockKey(e.id, block);
+      this.writingExtra.set(k, (this.writingExtra.get(k) ?? 0) + 1);
+    }
+    this.pinExport[slot] = e.id;
+    this.pinBlock[slot] = block;
   }
 
   /** Whether a writeback of any version of the block is in flight (a new one must wait for it). */
   isWriting(exportId: number, block: number): boolean {
-    return this.writing.has(blockKey(exportId, block));
+    return this.exports[exportId]!.writing.get(block);
   }
 
   /** Resolves when no writeback of any version of blocks first..last of e is in flight. */
   async waitBlocksIdle(e: StoreExport, first: number, last: number): Promise<void> {
-    const lo = blockKey(e.id, first);
-    const hi = blockKey(e.id, last);
     const busy = (): boolean => {
-      for (const k of this.writing.keys()) if (k >= lo && k <= hi) return true;
-      return false;
+      const b = e.writing.nextSet(first);
+      return b >= 0 && b <= last;
     };
     while (busy()) await new Promise<void>((resolve) => this.writingIdleWaiters.push(resolve));
   }
@@ -214,10 +248,19 @@ export class PmemStore {
   unpin(slot: number, writtenSeq: number | null): void {
     const r = this.region;
     r.slotPins[slot]!--;
-    const k = this.pinKey[slot]!;
-    const writers = (this.writing.get(k) ?? 1) - 1;
-    if (writers > 0) this.writing.set(k, writers);
-    else this.writing.delete(k);
+    // The block recorded at pin(): the slot's entry may have been cleared since.
+    const e = this.exports[this.pinExport[slot]!]!;
+    const block = this.pinBlock[slot]!;
+    const k = blockKey(e.id, block);
+    const extra = this.writingExtra.size === 0 ? 0 : (this.writingExtra.get(k) ?? 0);
+    let writers = 0;
+    if (extra > 0) {
+      writers = extra;
+      if (extra > 1) this.writingExtra.set(k, extra - 1);
+      else this.writingExtra.delete(k);
+    } else {
+      e.writing.clear(block);
+    }
     if (r.slotPins[slot] === 0) {
       if (this.releaseOnUnpin[slot]) {
         this.releaseOnUnpin[slot] = 0;
@@ -227,8 +270,10 @@ export class PmemStore {
         r.slotState[slot] = SLOT_CLEAN;
         this.dirtyCount--;
         this.cleanQueue.add(slot);
+        // A dirty slot that is not detached is its block's current page.
+        this.exports[r.slotExport[slot]!]!.dirty.clear(r.slotBlock[slot]!);
       }
-      const waiters = this.unpinWaiters.get(slot);
+      const waiters = this.unpinWaiters.size === 0 ? undefined : this.unpinWaiters.get(slot);
       if (waiters) {
         this.unpinWaiters.delete(slot);
         for (const f of waiters) f();
@@ -253,12 +298,30 @@ export class PmemStore {
     }
   }
 
+  /** The oldest dirty slot, or -1 when nothing is dirty. */
+  oldestDirtySlot(): number {
+    return this.dirtyQueue.head();
+  }
+
+  /**
+   * Up to limit dirty slots from the oldest on (some may have stopped being dirty since: check the state);
+   * the writeback worker looks here for the export whose turn it is.
+   */
+  oldestDirtySlots(limit: number): number[] {
+    this.oldestDirtySlot(); // drops stale entries at the head
+    return this.dirtyQueue.peek(limit);
+  }
+
+  /** Age in ms of the oldest dirty page, or null. */
+  oldestDirtyMs(now = Date.now()): number | null {
+    const slot = this.oldestDirtySlot();
+    return slot < 0 ? null : now - this.region.slotDirtySince[slot]!;
+  }
+
   stats(now = Date.now()): StoreStats {
     const r = this.region;
-    let oldest = Infinity;
-    if (this.dirtyCount > 0) {
-      for (let s = 0; s < r.pageCount; s++) if (r.slotState[s] === SLOT_DIRTY && r.slotDirtySince[s]! < oldest) oldest = r.slotDirtySince[s]!;
-    }
+    const slot = this.oldestDirtySlot();
+    const oldest = slot < 0 ? Infinity : r.slotDirtySince[slot]!;
     return {
       capacityPages: r.pageCount,
       freePages: r.freeCount,
@@ -278,39 +341,132 @@ function blockKey(exportId: number, block: number): number {
 export { PAGE_SIZE, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE };
 
 /**
- * Clean slots in the order they became clean. A Set would do, but V8's ordered hash tables keep deleted
- * entries as holes until they rehash, so taking the oldest entry again and again scans a growing run of
- * holes. This is a FIFO of slot numbers with lazy deletion: membership lives in a flag per slot.
+ * Clean slots in the order they became clean: a FIFO with lazy deletion. Each add stamps the slot with a new
+ * ticket; a queue entry counts only while its ticket is the slot's current one, so a slot deleted and added
+ * again is taken at its new place, not its old one. Stale entries are dropped at the head, and the queue is
+ * compacted when they outnumber the live ones (pages cleaned and rewritten in place, never evicted).
  */
 class CleanQueue {
-  private fifo: number[] = [];
+  private slots: number[] = [];
+  private tickets: number[] = [];
   private head = 0;
-  private readonly member = new Map<number, true>();
+  private n = 0;
+  private nextTicket = 1;
+  /** The ticket of each member slot; 0 = not a member. */
+  private readonly member: Float64Array;
+
+  constructor(slots: number) {
+    this.member = new Float64Array(slots);
+  }
 
   get size(): number {
-    return this.member.size;
+    return this.n;
   }
 
   add(slot: number): void {
-    if (this.member.has(slot)) return;
-    this.member.set(slot, true);
-    this.fifo.push(slot);
+    if (this.member[slot] !== 0) return;
+    const ticket = this.nextTicket++;
+    this.member[slot] = ticket;
+    this.n++;
+    this.slots.push(slot);
+    this.tickets.push(ticket);
+    if (this.slots.length - this.head > 2 * this.n + 4096) this.compact();
   }
 
   delete(slot: number): void {
-    this.member.delete(slot);
+    if (this.member[slot] === 0) return;
+    this.member[slot] = 0;
+    this.n--;
   }
 
   /** The oldest member, removed; -1 when empty. */
   shift(): number {
-    while (this.head < this.fifo.length) {
-      const slot = this.fifo[this.head++]!;
-      if (this.head > 4096 && this.head * 2 > this.fifo.length) {
-        this.fifo = this.fifo.slice(this.head);
-        this.head = 0;
+    while (this.head < this.slots.length) {
+      const slot = this.slots[this.head]!;
+      const ticket = this.tickets[this.head]!;
+      this.head++;
+      if (this.member[slot] === ticket) {
+        this.member[slot] = 0;
+        this.n--;
+        if (this.head > 4096 && this.head * 2 > this.slots.length) this.compact();
+        return slot;
       }
-      if (this.member.delete(slot)) return slot;
     }
     return -1;
+  }
+
+  private compact(): void {
+    const slots: number[] = [];
+    const tickets: number[] = [];
+    for (let i = this.head; i < this.slots.length; i++) {
+      if (this.member[this.slots[i]!] === this.tickets[i]) {
+        slots.push(this.slots[i]!);
+        tickets.push(this.tickets[i]!);
+      }
+    }
+    this.slots = slots;
+    this.tickets = tickets;
+    this.head = 0;
+  }
+}
+
+/**
+ * Dirty slots in the order they became dirty, each with the sequence number it had then: an entry is live while
+ * the slot is still dirty at that sequence number (a dirty page is never rewritten in place, so a new version
+ * means a new entry). Stale entries are dropped at the head, and the whole queue is compacted when it grows
+ * past twice the live ones.
+ */
+class DirtyQueue {
+  private slots: number[] = [];
+  private seqs: number[] = [];
+  private start = 0;
+  private compactAt = 8192;
+
+  constructor(private readonly live: (slot: number, seq: number) => boolean) {}
+
+  push(slot: number, seq: number): void {
+    this.slots.push(slot);
+    this.seqs.push(seq);
+    if (this.slots.length - this.start >= this.compactAt) this.compact();
+  }
+
+  /** The oldest live slot (stale entries before it are dropped), or -1. */
+  head(): number {
+    while (this.start < this.slots.length) {
+      const slot = this.slots[this.start]!;
+      if (this.live(slot, this.seqs[this.start]!)) {
+        if (this.start >= 4096 && this.start * 2 >= this.slots.length) {
+          this.slots = this.slots.slice(this.start);
+          this.seqs = this.seqs.slice(this.start);
+          this.start = 0;
+        }
+        return slot;
+      }
+      this.start++;
+    }
+    this.slots = [];
+    this.seqs = [];
+    this.start = 0;
+    return -1;
+  }
+
+  /** Up to limit slots from the head (live or not). */
+  peek(limit: number): number[] {
+    return this.slots.slice(this.start, this.start + limit);
+  }
+
+  private compact(): void {
+    const slots: number[] = [];
+    const seqs: number[] = [];
+    for (let i = this.start; i < this.slots.length; i++) {
+      if (this.live(this.slots[i]!, this.seqs[i]!)) {
+        slots.push(this.slots[i]!);
+        seqs.push(this.seqs[i]!);
+      }
+    }
+    this.slots = slots;
+    this.seqs = seqs;
+    this.start = 0;
+    this.compactAt = Math.max(8192, slots.length * 2);
   }
 }

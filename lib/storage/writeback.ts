@@ -19,12 +19,10 @@ export interface WritebackOptions {
 }
 
 /**
- * Pages written back per batch (one export, sorted by block). Backing writes are mostly synchronous, so a
+ * Pages written back per batch (one export, in block order). Backing writes are mostly synchronous, so a
  * batch is an event-loop stall: 256 pages keep it near a millisecond.
  */
 const BATCH_PAGES = 256;
-/** Dirty pages looked at (and sorted) per batch, so that pages dirtied in random order still coalesce. */
-const CANDIDATE_PAGES = 4096;
 /** Longest coalesced backing write, in pages (1 MiB). */
 const MAX_RUN_PAGES = 256;
 /** Backing writes in flight at once per batch. */
@@ -37,6 +35,11 @@ interface Run {
   block: number;
   slots: number[];
   seqs: number[];
+}
+
+/** Bytes a run writes: its pages, the last one cut at the export's end. */
+function runLength(run: Run): number {
+  return Math.min(run.slots.length * PAGE_SIZE, run.e.backing.size - run.block * PAGE_SIZE);
 }
 
 export class Writeback {
@@ -78,7 +81,7 @@ export class Writeback {
     if (s.dirtyCount >= this.opts.highPages) this.draining = true;
     if (s.dirtyCount <= this.opts.lowPages) this.draining = false;
     if (this.draining || s.waitingForSlots > 0) return s.dirtyCount > 0;
-    const age = s.stats().oldestDirtyMs;
+    const age = s.oldestDirtyMs();
     return age !== null && age >= this.opts.maxAgeMs;
   }
 
@@ -124,56 +127,76 @@ export class Writeback {
 
   private pinnedDirty(e: StoreExport, maxSeq: number): boolean {
     const r = this.store.region;
-    for (const [block, slot] of e.index) {
+    for (let block = e.dirty.nextSet(0); block >= 0; block = e.dirty.nextSet(block + 1)) {
+      const slot = e.index.get(block)!;
       // Pinned, or held back by pick() because an older version of its block is being written.
-      if (r.slotState[slot] === SLOT_DIRTY && r.slotSeq[slot]! <= maxSeq && (r.slotPins[slot] !== 0 || this.store.isWriting(e.id, block))) return true;
+      if (r.slotSeq[slot]! <= maxSeq && (r.slotPins[slot] !== 0 || this.store.isWriting(e.id, block))) return true;
     }
     return false;
   }
 
-  /** Choose dirty unpinned pages (of one export), pin them, and group them into runs of adjacent blocks. */
+  /** The export to write back next: the one holding the oldest dirty page that can be written now. */
+  private chooseExport(): StoreExport | null {
+    const s = this.store;
+    const r = s.region;
+    let only: StoreExport | null = null;
+    let live = 0;
+    for (const x of s.exports) {
+      if (x === undefined || x.dirty.count === 0) continue;
+      only = x;
+      live++;
+    }
+    if (live <= 1) return only;
+    for (const slot of s.oldestDirtySlots(1024)) {
+      if (r.slotState[slot] === SLOT_DIRTY && r.slotPins[slot] === 0 && !s.isWriting(r.slotExport[slot]!, r.slotBlock[slot]!)) {
+        return s.exports[r.slotExport[slot]!] ?? null;
+      }
+    }
+    return only;
+  }
+
+  /**
+   * Choose dirty unpinned pages of one export, pin them, and group them into runs of adjacent blocks. The
+   * worker sweeps each export's dirty bitmap in offset order from where the last batch stopped (an elevator),
+   * so pages dirtied in random order still coalesce and every page is reached within one sweep.
+   */
   private pick(only: StoreExport | null, maxSeq: number): Run[] {
     const s = this.store;
     const r = s.region;
-    let e = only;
-    const live = s.exports.filter((x) => x !== undefined);
-    if (e === null && live.length === 1) e = live[0]!;
-    if (e === null) {
-      // The export holding the oldest dirty page goes first.
-      let oldest = Infinity;
-      for (let slot = 0; slot < r.pageCount; slot++) {
-        if (r.slotState[slot] === SLOT_DIRTY && r.slotPins[slot] === 0 && r.slotDirtySince[slot]! < oldest && !s.isWriting(r.slotExport[slot]!, r.slotBlock[slot]!)) {
-          oldest = r.slotDirtySince[slot]!;
-          e = s.exports[r.slotExport[slot]!] ?? null;
-        }
-      }
-      if (e === null) return [];
-    }
-    const picked: Array<[number, number]> = [];
-    for (const [block, slot] of e.index) {
-      if (r.slotState[slot] !== SLOT_DIRTY || r.slotPins[slot] !== 0 || r.slotSeq[slot]! > maxSeq) continue;
-      // An older version of the block is still being written: writing this one now could let the older
-      // write land last (backing reordering), leaving the backing file stale under a page marked clean.
-      if (s.isWriting(e.id, block)) continue;
-      picked.push([block, slot]);
-      if (picked.length >= CANDIDATE_PAGES) break;
-    }
-    // Sort a wide set of candidates so neighbours coalesce, but write only about BATCH_PAGES of them now.
-    picked.sort((a, b) => a[0] - b[0]);
+    const e = only ?? this.chooseExport();
+    if (e === null || e.dirty.count === 0) return [];
     const runs: Run[] = [];
     let taken = 0;
-    for (const [block, slot] of picked) {
-      const last = runs[runs.length - 1];
-      if (last && last.block + last.slots.length === block && last.slots.length < MAX_RUN_PAGES) {
-        last.slots.push(slot);
-        last.seqs.push(r.slotSeq[slot]!);
-      } else {
-        if (taken >= BATCH_PAGES) break;
-        runs.push({ e, block, slots: [slot], seqs: [r.slotSeq[slot]!] });
+    const start = e.wbCursor;
+    let wrapped = false;
+    let block = e.dirty.nextSet(start);
+    for (;;) {
+      if (block < 0) {
+        if (wrapped || start === 0) break;
+        wrapped = true;
+        block = e.dirty.nextSet(0);
+        continue;
       }
-      s.pin(slot);
-      taken++;
+      if (wrapped && block >= start) break;
+      const slot = e.index.get(block)!;
+      // Not: pinned (being written), newer than the flush asks for, or an older version of the block still
+      // being written (writing this one now could let the older write land last, leaving the backing file
+      // stale under a page marked clean).
+      if (r.slotPins[slot] === 0 && r.slotSeq[slot]! <= maxSeq && !s.isWriting(e.id, block)) {
+        const last = runs[runs.length - 1];
+        if (last && last.block + last.slots.length === block && last.slots.length < MAX_RUN_PAGES) {
+          last.slots.push(slot);
+          last.seqs.push(r.slotSeq[slot]!);
+        } else {
+          if (taken >= BATCH_PAGES) break;
+          runs.push({ e, block, slots: [slot], seqs: [r.slotSeq[slot]!] });
+        }
+        s.pin(slot);
+        taken++;
+      }
+      block = e.dirty.nextSet(block + 1);
     }
+    e.wbCursor = block < 0 ? 0 : block;
     return runs;
   }
 
@@ -181,11 +204,16 @@ export class Writeback {
   private async write(runs: Run[]): Promise<void> {
     const s = this.store;
     let failed: unknown = null;
+    const failedRuns = new Set<Run>();
+    const fail = (run: Run, err: unknown): void => {
+      failed ??= err;
+      failedRuns.add(run);
+    };
     let next = 0;
     const worker = async (): Promise<void> => {
       while (next < runs.length) {
         const run = runs[next++]!;
-        const len = Math.min(run.slots.length * PAGE_SIZE, run.e.backing.size - run.block * PAGE_SIZE);
+        const len = runLength(run);
         if (run.e.backing.pwriteNow !== undefined) {
           // Straight from the region pages, synchronously: nothing can reuse them during the call.
           let pages = run.slots.map((slot) => s.region.page(slot));
@@ -196,8 +224,7 @@ export class Writeback {
               continue;
             }
           } catch (err) {
-            failed ??= err;
-            (run as Run & { failed?: boolean }).failed = true;
+            fail(run, err);
             continue;
           }
         }
@@ -208,8 +235,7 @@ export class Writeback {
           await run.e.backing.pwrite(buf.subarray(0, len), run.block * PAGE_SIZE);
           this.bytesWritten += len;
         } catch (err) {
-          failed ??= err;
-          (run as Run & { failed?: boolean }).failed = true;
+          fail(run, err);
         }
       }
     };
@@ -220,11 +246,11 @@ export class Writeback {
         for (const e of exports) await e.backing.flush();
       } catch (err) {
         failed = err;
-        for (const run of runs) (run as Run & { failed?: boolean }).failed = true;
+        for (const run of runs) failedRuns.add(run);
       }
     }
     for (const run of runs) {
-      const ok = !(run as Run & { failed?: boolean }).failed;
+      const ok = !failedRuns.has(run);
       run.slots.forEach((slot, i) => s.unpin(slot, ok ? run.seqs[i]! : null));
     }
     const w = this.batchWaiters;

@@ -257,6 +257,20 @@ function checkInvariants(s: Stack): string[] {
     if (r.slotState[slot] !== 0 && !inIndex.has(slot)) problems.push(`slot ${slot} is in use but not indexed`);
   }
   if (dirty !== s.store.dirtyCount) problems.push(`dirtyCount ${s.store.dirtyCount} but ${dirty} dirty slots`);
+  // The dirty-block bitmap the writeback sweeps is exact: set ⇔ the block's page is dirty.
+  let dirtyBits = 0;
+  for (let b = s.se.dirty.nextSet(0); b >= 0; b = s.se.dirty.nextSet(b + 1)) {
+    dirtyBits++;
+    const slot = s.se.index.get(b);
+    if (slot === undefined || r.slotState[slot] !== SLOT_DIRTY) problems.push(`block ${b} marked dirty but its page is not`);
+  }
+  if (dirtyBits !== s.se.dirty.count) problems.push(`dirty bitmap count ${s.se.dirty.count} but ${dirtyBits} bits set`);
+  if (dirtyBits !== dirty) problems.push(`${dirty} dirty slots but ${dirtyBits} dirty blocks`);
+  // The oldest dirty page is found through the queue exactly as a scan of the slots finds it.
+  let oldest = Infinity;
+  for (let slot = 0; slot < r.pageCount; slot++) if (r.slotState[slot] === SLOT_DIRTY) oldest = Math.min(oldest, r.slotDirtySince[slot]!);
+  const q = s.store.oldestDirtySlot();
+  if ((q < 0 ? Infinity : r.slotDirtySince[q]) !== oldest) problems.push(`oldest dirty page: queue says ${q}, scan says since ${oldest}`);
   return problems;
 }
 
