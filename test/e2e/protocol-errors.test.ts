@@ -329,6 +329,40 @@ t.test('protocol errors', async (t) => {
     c.destroy();
   });
 
+  t.test('a burst whose replies fill several reply buffers: every reply intact and in one piece', async (t) => {
+    // Replies gathered in one tick go into 64 KiB buffers: 6000 one-byte writes (16-byte replies) and 4 KiB
+    // reads (4 KiB copied next to each header) cross several buffer ends mid-burst.
+    const c = await RawConn.connect(port);
+    await c.handshake('disk0');
+    const writes = 6000;
+    const reads = 40;
+    const seen = new Set<bigint>();
+    let bad = 0;
+    // First the writes (their replies alone fill more than one buffer), then the reads.
+    const burst: Buffer[] = [];
+    for (let i = 0; i < writes; i++) burst.push(req(C.NBD_CMD_WRITE, 8 * 1024 * 1024 + i, 1, BigInt(10_000 + i)), Buffer.from([i & 0xff]));
+    c.send(Buffer.concat(burst));
+    for (let i = 0; i < writes; i++) {
+      const r = await simpleReply(c);
+      seen.add(r.cookie);
+      if (r.error !== 0) bad++;
+    }
+    const reqs: Buffer[] = [];
+    for (let i = 0; i < reads; i++) reqs.push(req(C.NBD_CMD_READ, 8 * 1024 * 1024, 4096, BigInt(50_000 + i)));
+    c.send(Buffer.concat(reqs));
+    const want = Buffer.alloc(4096);
+    for (let i = 0; i < 4096; i++) want[i] = i & 0xff;
+    for (let i = 0; i < reads; i++) {
+      const r = await simpleReply(c);
+      seen.add(r.cookie);
+      if (r.error !== 0) bad++;
+      if (!(await c.read(4096)).equals(want)) bad++;
+    }
+    t.equal(seen.size, writes + reads, 'every cookie answered once');
+    t.equal(bad, 0, 'no error, every read payload right and framed after its header');
+    c.destroy();
+  });
+
   t.test('DISC: in-flight writes complete before the server closes', async (t) => {
     const c = await RawConn.connect(port);
     await c.handshake('disk0');

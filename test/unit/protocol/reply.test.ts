@@ -79,6 +79,22 @@ t.test('encodeSimpleReply byte table', async (t) => {
   t.same(target, bytes().fill(4, 0x77).u32(SIMPLE).u32(0).u64(9n).fill(4, 0x77).buf(), 'writes only its 16 bytes');
 });
 
+t.test('chunk encoders with a target write the same bytes at the offset and nothing else', async (t) => {
+  const cases: Array<[string, (target?: Buffer, off?: number) => Buffer]> = [
+    ['NONE', (b, o) => (b === undefined ? R.encodeNoneChunk(MAX_COOKIE) : R.encodeNoneChunk(MAX_COOKIE, b, o))],
+    ['OFFSET_DATA', (b, o) => (b === undefined ? R.encodeOffsetDataHeader(7n, 1, 2 ** 53 - 4096, 4096) : R.encodeOffsetDataHeader(7n, 1, 2 ** 53 - 4096, 4096, b, o))],
+    ['OFFSET_HOLE', (b, o) => (b === undefined ? R.encodeOffsetHole(8n, 0, 0x1_2345_6000, 512) : R.encodeOffsetHole(8n, 0, 0x1_2345_6000, 512, b, o))],
+  ];
+  for (const [name, enc] of cases) {
+    const fresh = enc();
+    const target = Buffer.alloc(fresh.length + 10, 0x55);
+    t.equal(enc(target, 5), target, `${name}: returns the target`);
+    t.same(target.subarray(5, 5 + fresh.length), fresh, `${name}: same bytes as a fresh buffer`);
+    t.ok(target.subarray(0, 5).every((x) => x === 0x55) && target.subarray(5 + fresh.length).every((x) => x === 0x55), `${name}: nothing else touched`);
+  }
+  t.equal(R.parseOffsetData(Buffer.concat([R.encodeOffsetDataHeader(1n, 0, 2 ** 53 - 4096, 1).subarray(20), Buffer.alloc(1)]))!.offset, 2 ** 53 - 4096, 'an offset past 2^32 round-trips (written as two words)');
+});
+
 t.test('encodeChunkHeader / encodeNoneChunk byte table', async (t) => {
   const cases: [bigint, number, number, number][] = [
     [1n, 0, T_DATA, 9],
