@@ -154,8 +154,10 @@ export class Connection {
   private onData(chunk: Buffer): void {
     if (this.phase === 'finishing' || this.phase === 'closed') return;
     this.reader.push(chunk);
+    const before = this.requestsSeen;
     try {
       this.process();
+      this.pipelined = this.requestsSeen - before >= 2;
     } catch (err) {
       if (err instanceof ProtocolError) this.abort(err.message);
       else {
@@ -259,6 +261,7 @@ export class Connection {
     if (hb === null) return false;
     const req = decodeRequest(hb)!; // throws ProtocolError on bad magic → disconnect
     this.reader.consume(REQUEST_SIZE);
+    this.requestsSeen++;
     this.onRequest(req);
     return this.phase === 'transmission';
   }
@@ -457,6 +460,9 @@ export class Connection {
   private out: Buffer[] = [];
   private outBytes = 0;
   private flushQueued = false;
+  /** Requests decoded so far, and whether the last read brought several (see flushNextRound). */
+  private requestsSeen = 0;
+  private pipelined = false;
 
   /** No reply can be delivered any more (the socket is gone): replies are dropped. */
   private closedForReplies(): boolean {
@@ -475,7 +481,8 @@ export class Connection {
     this.slabPos += n;
     if (!this.flushQueued) {
       this.flushQueued = true;
-      process.nextTick(this.flushReplies);
+      if (this.pipelined) setImmediate(this.flushNextRound);
+      else process.nextTick(this.flushReplies);
     }
     return at;
   }
@@ -511,6 +518,16 @@ export class Connection {
     this.out.push(b);
     this.outBytes += b.length;
   }
+
+  /**
+   * A client that pipelines (several requests arrived in one read) gets its replies one event-loop round
+   * later: the next round's poll picks up the requests it sent meanwhile, and their replies share the socket
+   * write. A write costs several µs of CPU (loopback delivery, waking the client), so fewer and larger
+   * ones raise throughput at depth; a client with one request in flight is answered at once.
+   */
+  private readonly flushNextRound = (): void => {
+    setImmediate(this.flushReplies);
+  };
 
   private readonly flushReplies = (): void => {
     this.flushQueued = false;
