@@ -76,6 +76,8 @@ const KNOWN_CLIENT_FLAGS = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
 const SLAB_SIZE = 64 * 1024;
 /** Read payloads up to this size are copied next to their header (cheaper than a write chunk of their own). */
 const COPY_PAYLOAD_MAX = 8 * 1024;
+/** Event-loop rounds a pipelining client's replies may wait for more requests to share their write. */
+const MAX_DEFER_ROUNDS = 4;
 const OFFSET_DATA_HEADER_SIZE = STRUCTURED_REPLY_HEADER_SIZE + 8;
 const OFFSET_HOLE_CHUNK_SIZE = STRUCTURED_REPLY_HEADER_SIZE + 12;
 const FUA: WriteFlags = Object.freeze({ fua: true });
@@ -463,6 +465,8 @@ export class Connection {
   /** Requests decoded so far, and whether the last read brought several (see flushNextRound). */
   private requestsSeen = 0;
   private pipelined = false;
+  private deferRounds = 0;
+  private seenAtDefer = 0;
 
   /** No reply can be delivered any more (the socket is gone): replies are dropped. */
   private closedForReplies(): boolean {
@@ -520,13 +524,26 @@ export class Connection {
   }
 
   /**
-   * A client that pipelines (several requests arrived in one read) gets its replies one event-loop round
-   * later: the next round's poll picks up the requests it sent meanwhile, and their replies share the socket
-   * write. A write costs several µs of CPU (loopback delivery, waking the client), so fewer and larger
-   * ones raise throughput at depth; a client with one request in flight is answered at once.
+   * A client that pipelines (several requests arrived in one read) gets its replies a little later: the flush
+   * waits one event-loop round, and another as long as each round brings new requests (up to
+   * MAX_DEFER_ROUNDS), so their replies share one socket write. A write costs several µs of CPU on loopback
+   * (delivery, waking the client), so fewer and larger ones raise throughput at depth. The wait ends by
+   * itself: a client whose requests are all in flight sends nothing new until it gets replies. A client with
+   * one request in flight is answered in the same round.
    */
   private readonly flushNextRound = (): void => {
-    setImmediate(this.flushReplies);
+    this.deferRounds = 0;
+    this.seenAtDefer = this.requestsSeen;
+    setImmediate(this.flushWhenQuiet);
+  };
+
+  private readonly flushWhenQuiet = (): void => {
+    if (this.requestsSeen !== this.seenAtDefer && ++this.deferRounds < MAX_DEFER_ROUNDS && this.outBytes + this.slabPos - this.slabStart < SLAB_SIZE) {
+      this.seenAtDefer = this.requestsSeen;
+      setImmediate(this.flushWhenQuiet);
+      return;
+    }
+    this.flushReplies();
   };
 
   private readonly flushReplies = (): void => {

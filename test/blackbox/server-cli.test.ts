@@ -52,6 +52,8 @@ t.test('bad usage: one clear line on stderr and exit 2', async (t) => {
     [['--log-level', 'loud'], /log-level/],
     [['--config', path.join(dir, 'missing.json')], /cannot read config file/],
     [['extra-arg'], /too many arguments|unknown/],
+    [['--pmem-dir', path.join(dir, 'pmem'), '--pmem-size', '100K'], /--pmem-size \d+ is too small/],
+    [['--pmem-dir', path.join(dir, 'pmem'), '--pmem-size', '3G'], /--pmem-size \d+ is too large: at most \d+ bytes/],
   ];
   for (const [args, re] of cases) {
     const r = await server(['--data-dir', path.join(dir, 'data'), '--http', '127.0.0.1:0', ...args]);
