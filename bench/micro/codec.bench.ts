@@ -9,6 +9,7 @@
 // Plain node + process.hrtime.bigint(); no benchmark library. The machine is shared, so re-run before believing
 // a difference under ~10%; the alternatives are checked for identical results before they are timed.
 
+import { check, compare, report } from './harness';
 import { FrameReader } from '../../lib/protocol/frame-reader';
 import { decodeRequest, encodeRequest, type Request } from '../../lib/protocol/request';
 import { encodeOffsetDataHeader, encodeSimpleReply } from '../../lib/protocol/reply';
@@ -25,75 +26,9 @@ import {
   STRUCTURED_REPLY_HEADER_SIZE,
 } from '../../lib/protocol/constants';
 
-const SAMPLE_MS = Number(process.env['BENCH_MS'] ?? 40);
-const SAMPLES = 7;
 const PAYLOAD = 4096;
-
 /** Results land here so that V8 cannot drop the measured work as dead code. */
 let sink = 0;
-
-// ---------------------------------------------------------------------------------------------------------------
-// Timing
-// ---------------------------------------------------------------------------------------------------------------
-
-/** Calls of fn that take about SAMPLE_MS (this also warms fn up). */
-function calibrate(fn: () => void): number {
-  let batch = 1;
-  for (;;) {
-    const t0 = process.hrtime.bigint();
-    for (let i = 0; i < batch; i++) fn();
-    const ms = Number(process.hrtime.bigint() - t0) / 1e6;
-    if (ms >= SAMPLE_MS / 4 || batch >= 1 << 26) return Math.max(1, Math.round((batch * SAMPLE_MS) / Math.max(ms, 0.001)));
-    batch *= 4;
-  }
-}
-
-/** ns per call of fn over `batch` calls. */
-function sample(fn: () => void, batch: number): number {
-  const t0 = process.hrtime.bigint();
-  for (let i = 0; i < batch; i++) fn();
-  return Number(process.hrtime.bigint() - t0) / batch;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
-}
-
-interface Row {
-  group: string;
-  variant: string;
-  ns: number;
-  ratio: number | null;
-}
-const rows: Row[] = [];
-
-/**
- * Time the current implementation and its alternatives of the same operation (fn performs opsPerCall
- * operations). After calibration and one warm-up sample each, SAMPLES rounds time every variant once, in a
- * rotating order, so that drifting machine load hits all variants alike; the result is the median per variant.
- */
-function compare(group: string, current: [string, () => void], alternatives: Array<[string, () => void]>, opsPerCall = 1): void {
-  const variants = [current, ...alternatives];
-  const batches = variants.map(([, fn]) => calibrate(fn));
-  variants.forEach(([, fn], i) => sample(fn, batches[i]!));
-  const times: number[][] = variants.map(() => []);
-  for (let round = 0; round < SAMPLES; round++) {
-    for (let k = 0; k < variants.length; k++) {
-      const i = (k + round) % variants.length;
-      times[i]!.push(sample(variants[i]![1], batches[i]!) / opsPerCall);
-    }
-  }
-  const base = median(times[0]!);
-  variants.forEach(([name], i) => {
-    const ns = median(times[i]!);
-    rows.push({ group, variant: name, ns, ratio: i === 0 ? null : ns / base });
-  });
-}
-
-function check(cond: boolean, what: string): void {
-  if (!cond) throw new Error(`alternative disagrees with the current implementation: ${what}`);
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Alternatives
@@ -155,15 +90,14 @@ function encodeSimpleReplyHiLo(cookieHi: number, cookieLo: number, error: number
 }
 
 /** encodeOffsetDataHeader with the offset written as two 32-bit halves (no BigInt(offset)). */
-function encodeOffsetDataHeaderTwoU32(cookie: bigint, flags: number, offset: number, dataLength: number): Buffer {
+function encodeOffsetDataHeaderBigIntOffset(cookie: bigint, flags: number, offset: number, dataLength: number): Buffer {
   const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + 8);
   b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
   b.writeUInt16BE(flags, 4);
   b.writeUInt16BE(NBD_REPLY_TYPE_OFFSET_DATA, 6);
   b.writeBigUInt64BE(cookie, 8);
   b.writeUInt32BE(8 + dataLength, 16);
-  b.writeUInt32BE(Math.floor(offset / 0x1_0000_0000), 20);
-  b.writeUInt32BE(offset >>> 0, 24);
+  b.writeBigUInt64BE(BigInt(offset), 20);
   return b;
 }
 
@@ -305,7 +239,7 @@ function main(): void {
   check(encodeSimpleReply(COOKIE, 5).equals(encodeSimpleReplyTwoU32(COOKIE, 5)), 'encodeSimpleReplyTwoU32');
   check(encodeSimpleReply(COOKIE, 5).equals(encodeSimpleReplyHiLo(c.cookieHi, c.cookieLo, 5)), 'encodeSimpleReplyHiLo');
   const od = encodeOffsetDataHeader(COOKIE, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD);
-  check(od.equals(encodeOffsetDataHeaderTwoU32(COOKIE, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD)), 'encodeOffsetDataHeaderTwoU32');
+  check(od.equals(encodeOffsetDataHeaderBigIntOffset(COOKIE, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD)), 'encodeOffsetDataHeaderTwoU32');
   check(od.equals(encodeOffsetDataHeaderHiLo(c.cookieHi, c.cookieLo, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD)), 'encodeOffsetDataHeaderHiLo');
 
   compare(
@@ -326,9 +260,9 @@ function main(): void {
   );
   compare(
     'encodeOffsetDataHeader (28 bytes)',
-    ['current: BigInt(offset) + writeBigUInt64BE', () => void (sink += encodeOffsetDataHeader(COOKIE, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD)[27]!)],
+    ['current: offset as two writeUInt32BE', () => void (sink += encodeOffsetDataHeader(COOKIE, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD)[27]!)],
     [
-      ['alt: offset as two writeUInt32BE', () => void (sink += encodeOffsetDataHeaderTwoU32(COOKIE, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD)[27]!)],
+      ['alt: BigInt(offset) + writeBigUInt64BE (the first version)', () => void (sink += encodeOffsetDataHeaderBigIntOffset(COOKIE, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD)[27]!)],
       ['alt: hi/lo cookie + split offset (no BigInt)', () => void (sink += encodeOffsetDataHeaderHiLo(c.cookieHi, c.cookieLo, NBD_REPLY_FLAG_DONE, OFFSET, PAYLOAD)[27]!)],
     ],
   );
@@ -351,19 +285,7 @@ function main(): void {
     );
   }
 
-  // Report.
-  const w = Math.max(...rows.map((r) => r.variant.length));
-  let group = '';
-  process.stdout.write(`codec micro-benchmark: node ${process.version}, ${SAMPLES} samples of ~${SAMPLE_MS} ms each, median ns/op\n`);
-  for (const r of rows) {
-    if (r.group !== group) {
-      group = r.group;
-      process.stdout.write(`\n${group}\n`);
-    }
-    const ratio = r.ratio === null ? '' : `  ${r.ratio.toFixed(2)}x current`;
-    process.stdout.write(`  ${r.variant.padEnd(w)}  ${r.ns.toFixed(1).padStart(9)} ns/op${ratio}\n`);
-  }
-  process.stdout.write(`\n(FrameReader rows: ns per request, i.e. per header + 4 KiB payload; sink ${sink % 997})\n`);
+  report('codec micro-benchmark', `(FrameReader rows: ns per request, i.e. per header + 4 KiB payload; sink ${sink % 997})`);
 }
 
 main();
