@@ -19,6 +19,7 @@ import { PAGE_SIZE, PmemRegion, type RecoveryReport } from './storage/pmem-regio
 import { PmemStore } from './storage/pmem-store';
 import { ReadCache } from './storage/read-cache';
 import { Writeback } from './storage/writeback';
+import { WritebackIo } from './storage/writeback-io';
 
 export interface NodeAddresses {
   nbd: Address;
@@ -80,6 +81,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
   const backings = new Map<string, BackingFile>();
   let region: PmemRegion | null = null;
   let writeback: Writeback | null = null;
+  let io: WritebackIo | null = null;
   let nbd: NbdServer | null = null;
   const http = new HttpControl(log.child({ component: 'http' }));
   try {
@@ -105,6 +107,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
 
     const cache = new ReadCache(config.cacheSize);
     const store = new PmemStore(region, cache);
+    io = new WritebackIo(region.file, region.geometry);
     writeback = new Writeback(
       store,
       {
@@ -113,6 +116,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
         maxAgeMs: config.writeback.maxAgeMs,
         // In pmem durability the region is the only copy until the backing file is synced.
         syncBeforeClean: config.durability === 'pmem',
+        io,
       },
       log.child({ component: 'writeback' }),
     );
@@ -143,6 +147,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     );
     const server = nbd;
     const wb = writeback;
+    const threadIo = io;
     const reg = region;
     let stopping: Promise<void> | null = null;
     return {
@@ -161,6 +166,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
             }
           }
           await wb.stop();
+          await threadIo.close();
           // A region with nothing dirty left is deleted: it would only hold tmpfs memory until the next start.
           await reg.close(store.dirtyCount === 0);
           await closeAll(backings, lock, log);
@@ -170,6 +176,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     await nbd?.stop();
     await http.close().catch(() => undefined);
     await writeback?.stop();
+    await io?.close();
     await region?.close();
     await closeAll(backings, lock, log);
     throw err;

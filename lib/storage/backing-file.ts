@@ -12,7 +12,7 @@ import { promises as fsp, constants as fsc, writeSync, writevSync } from 'node:f
 import * as path from 'node:path';
 import * as fsext from 'fs-ext';
 import { AllocMap } from './alloc-map';
-import { fullCapabilities, type BlockDevice, type Capabilities, type Extent, type WriteFlags, type ZeroFlags } from './block-device';
+import { fullCapabilities, type BlockDevice, type Capabilities, type DirectWrite, type Extent, type WriteFlags, type ZeroFlags } from './block-device';
 import { Mutex } from './mutex';
 import { LockedError, NotSupportedError, UsageError } from '../errors';
 import type { Logger } from '../log';
@@ -115,17 +115,8 @@ export class BackingFile implements BlockDevice {
     let length = 0;
     for (const b of bufs) length += b.length;
     if (length === 0) return true;
-    const first = Math.floor(offset / ALLOC_BLOCK_SIZE);
-    const last = Math.floor((offset + length - 1) / ALLOC_BLOCK_SIZE);
-    const end = offset + length;
-    const allocating = !this.map.allSet(first, last);
-    if (allocating) {
-      // Whole blocks only (no zero padding needed), and only over holes: a trimmed block that still holds
-      // old bytes needs the fdatasync ordering of the async path.
-      if (offset % ALLOC_BLOCK_SIZE !== 0 || (end % ALLOC_BLOCK_SIZE !== 0 && end !== this.size)) return false;
-      if (this.holdsStaleBytes(first, last)) return false;
-    }
-    this.dirty = true;
+    const dw = this.directWrite(offset, length);
+    if (dw === null) return false;
     let done = 0;
     let parts = bufs;
     while (done < length) {
@@ -133,18 +124,44 @@ export class BackingFile implements BlockDevice {
       done += n;
       if (done < length) parts = remaining(bufs, done);
     }
-    if (allocating) {
-      // After the data, as in writeRange: a block is marked allocated only once its bytes are written.
-      const range = this.map.setRange(first, last, true);
-      if (range !== null) {
+    dw.done();
+    return true;
+  }
+
+  /**
+   * A write that may be done with a plain pwrite, here or by another thread (see BlockDevice.directWrite):
+   * into allocated blocks, or whole blocks over holes of the file. A partial block over a hole needs zero
+   * padding, and a trimmed block that still holds old bytes the fdatasync ordering of the async path.
+   */
+  directWrite(offset: number, length: number): DirectWrite | null {
+    const first = Math.floor(offset / ALLOC_BLOCK_SIZE);
+    const last = Math.floor((offset + length - 1) / ALLOC_BLOCK_SIZE);
+    const end = offset + length;
+    // Dirty from now on: even a write that fails half way has changed the file.
+    if (this.map.allSet(first, last)) {
+      this.dirty = true;
+      return { fd: this.img.fd, done: this.markDirty };
+    }
+    if (offset % ALLOC_BLOCK_SIZE !== 0 || (end % ALLOC_BLOCK_SIZE !== 0 && end !== this.size)) return null;
+    if (this.holdsStaleBytes(first, last)) return null;
+    this.dirty = true;
+    return {
+      fd: this.img.fd,
+      done: () => {
+        // After the data, as in writeRange: a block is marked allocated only once its bytes are written.
+        this.dirty = true;
+        const range = this.map.setRange(first, last, true);
+        if (range === null) return;
         const bytes = Buffer.from(this.map.bits.buffer, this.map.bits.byteOffset + range.start, range.end - range.start);
         let w = 0;
         while (w < bytes.length) w += writeSync(this.mapFile.fd, bytes, w, bytes.length - w, ALLOC_HEADER + range.start + w);
-      }
-    }
-    this.dirty = true;
-    return true;
+      },
+    };
   }
+
+  private readonly markDirty = (): void => {
+    this.dirty = true;
+  };
 
   async trim(offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
     // Only whole blocks can be deallocated; a trim is advisory, so partial blocks are left alone.

@@ -58,6 +58,12 @@ export interface BlockDevice {
    * written, use pwrite. Throws like pwrite on failure.
    */
   pwriteNow?(bufs: readonly Buffer[], offset: number): boolean;
+  /**
+   * Optional: let another thread write [offset, offset+length) itself, with a plain pwrite to `fd`. Returns
+   * null when the write must go through pwrite/pwriteNow (e.g. it needs zero padding). After the bytes
+   * landed, call done() (on this thread) before anything else touches the range; on failure, do not.
+   */
+  directWrite?(offset: number, length: number): DirectWrite | null;
   /** Make every write completed before this call durable (on all connections). */
   flush(): Promise<void>;
   trim(offset: number, length: number, flags?: WriteFlags): Promise<void>;
@@ -71,6 +77,12 @@ export interface BlockDevice {
    */
   extents(offset: number, length: number): Promise<Extent[]>;
   close(): Promise<void>;
+}
+
+export interface DirectWrite {
+  fd: number;
+  /** The bytes are written: record it (e.g. mark the blocks allocated). */
+  done(): void;
 }
 
 /** Capabilities of a device that supports every operation (the storage layers we have all do). */

@@ -1,10 +1,13 @@
 // The writeback worker: copies dirty region pages to the backing files in offset order, coalescing
-// neighbouring blocks into large writes. It runs between a high and a low watermark of dirty pages, when
+// neighbouring blocks into large writes. It decides and keeps the books on the event loop; the backing writes
+// themselves run in the writeback thread (writeback-io.ts) when there is one, else on the event loop. It runs between a high and a low watermark of dirty pages, when
 // writers wait for free pages, when a page gets older than the age limit, and on demand for FLUSH/FUA.
 // A page becomes clean (reusable) only after its backing write — and, in pmem durability, the backing
 // fdatasync — completed.
 
 import type { Logger } from '../log';
+import type { DirectWrite } from './block-device';
+import type { WritebackIo } from './writeback-io';
 import { PAGE_SIZE, SLOT_DIRTY, type PmemStore, type StoreExport } from './pmem-store';
 
 export interface WritebackOptions {
@@ -16,6 +19,8 @@ export interface WritebackOptions {
   maxAgeMs: number;
   /** fdatasync the backing file before pages count as clean (the region is the only copy until then). */
   syncBeforeClean: boolean;
+  /** The writeback thread; without it (or once it died) backing writes run on the event loop. */
+  io?: WritebackIo;
 }
 
 /**
@@ -209,10 +214,40 @@ export class Writeback {
       failed ??= err;
       failedRuns.add(run);
     };
+    // Runs the writeback thread can write with a plain pwrite go there; the rest are written here.
+    const io = this.opts.io?.usable ? this.opts.io : null;
+    const threaded: Array<{ run: Run; dw: DirectWrite; len: number }> = [];
+    let local = runs;
+    if (io !== null) {
+      local = [];
+      for (const run of runs) {
+        const len = runLength(run);
+        const dw = run.e.backing.directWrite?.(run.block * PAGE_SIZE, len) ?? null;
+        if (dw === null) local.push(run);
+        else threaded.push({ run, dw, len });
+      }
+    }
+    const inThread =
+      threaded.length === 0
+        ? null
+        : io!.write(threaded.map((x) => ({ fd: x.dw.fd, offset: x.run.block * PAGE_SIZE, length: x.len, slots: x.run.slots }))).then(
+            (errors) => {
+              errors.forEach((err, i) => {
+                const x = threaded[i]!;
+                if (err !== null) return fail(x.run, err);
+                x.dw.done();
+                this.bytesWritten += x.len;
+              });
+            },
+            // The thread died: these pages stay dirty and are retried on the event loop.
+            (err: unknown) => {
+              for (const x of threaded) fail(x.run, err);
+            },
+          );
     let next = 0;
     const worker = async (): Promise<void> => {
-      while (next < runs.length) {
-        const run = runs[next++]!;
+      while (next < local.length) {
+        const run = local[next++]!;
         const len = runLength(run);
         if (run.e.backing.pwriteNow !== undefined) {
           // Straight from the region pages, synchronously: nothing can reuse them during the call.
@@ -239,7 +274,7 @@ export class Writeback {
         }
       }
     };
-    await Promise.all(Array.from({ length: Math.min(RUNS_IN_FLIGHT, runs.length) }, worker));
+    await Promise.all([inThread, ...Array.from({ length: Math.min(RUNS_IN_FLIGHT, local.length) }, worker)]);
     if (failed === null && this.opts.syncBeforeClean) {
       const exports = new Set(runs.map((r) => r.e));
       try {

@@ -1,0 +1,101 @@
+// The writeback thread (a worker_threads Worker started by writeback-io.ts): maps the pmem region read-only
+// and writes runs of region pages to backing files with pwritev, so those syscalls run beside the event loop
+// instead of on it. It holds no state of its own: the main thread decides what to write, pins the pages
+// until the reply arrives, and does all bookkeeping.
+
+import { readlinkSync, writevSync } from 'node:fs';
+import { setPriority } from 'node:os';
+import { parentPort, workerData } from 'node:worker_threads';
+import { mapRegionPages, type RegionGeometry } from './region-map';
+
+/** One backing write: the pages of `slots`, back to back, to fd at offset; `length` may cut the last page. */
+export interface WriteJob {
+  fd: number;
+  offset: number;
+  length: number;
+  slots: number[];
+}
+
+export interface WriteBatch {
+  id: number;
+  jobs: WriteJob[];
+}
+
+/** Per job: null on success, else the error's code and message. */
+export interface WriteBatchResult {
+  id: number;
+  errors: Array<{ code: string; message: string } | null>;
+}
+
+export interface WorkerInit {
+  regionFile: string;
+  geometry: RegionGeometry;
+}
+
+/**
+ * Lowest CPU priority for this thread only (Linux: setpriority on the thread id). On a machine with fewer cores
+ * than busy threads, the event loop and the clients must not wait for a writeback time slice; writeback gets
+ * the idle CPU, and all of it when writers wait for pages (the event loop is then idle).
+ */
+function lowerPriority(): void {
+  try {
+    const tid = Number(readlinkSync('/proc/thread-self').split('/').pop());
+    if (Number.isInteger(tid) && tid > 0) setPriority(tid, 19);
+  } catch {
+    // Not Linux (no /proc/thread-self), or not allowed: run at normal priority.
+  }
+}
+
+function main(): void {
+  const port = parentPort;
+  if (port === null) throw new Error('writeback-worker must run as a worker thread');
+  lowerPriority();
+  const init = workerData as WorkerInit;
+  const page = mapRegionPages(init.regionFile, init.geometry);
+  port.on('message', (batch: WriteBatch) => {
+    const errors: WriteBatchResult['errors'] = [];
+    for (const job of batch.jobs) {
+      try {
+        writeJob(job, page);
+        errors.push(null);
+      } catch (err) {
+        const e = err as NodeJS.ErrnoException;
+        errors.push({ code: e.code ?? 'EIO', message: e.message });
+      }
+    }
+    port.postMessage({ id: batch.id, errors } satisfies WriteBatchResult);
+  });
+}
+
+function writeJob(job: WriteJob, page: (slot: number) => Buffer): void {
+  let bufs: Buffer[] = [];
+  let left = job.length;
+  for (const slot of job.slots) {
+    const p = page(slot);
+    bufs.push(left < p.length ? p.subarray(0, left) : p);
+    left -= p.length;
+    if (left <= 0) break;
+  }
+  let done = 0;
+  while (done < job.length) {
+    const n = writevSync(job.fd, bufs, job.offset + done);
+    done += n;
+    if (done < job.length) bufs = rest(bufs, n);
+  }
+}
+
+/** The buffers after the first n bytes (a short writev). */
+function rest(bufs: Buffer[], n: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const b of bufs) {
+    if (n >= b.length) {
+      n -= b.length;
+      continue;
+    }
+    out.push(n > 0 ? b.subarray(n) : b);
+    n = 0;
+  }
+  return out;
+}
+
+main();
