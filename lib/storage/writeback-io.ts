@@ -50,13 +50,16 @@ export class WritebackIo {
     return this.failed === null && !this.closed;
   }
 
-  /** Write the jobs in the thread; resolves with null (written) or the error, per job. */
-  write(jobs: WriteJob[]): Promise<Array<Error | null>> {
+  /**
+   * Write the jobs in the thread; resolves with null (written) or the error, per job. urgent: writers are
+   * waiting for pages, so the thread runs this batch at normal CPU priority instead of nice 19.
+   */
+  write(jobs: WriteJob[], urgent = false): Promise<Array<Error | null>> {
     if (!this.usable) return Promise.reject(this.failed ?? new Error('writeback thread is closed'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ id, jobs } satisfies WriteBatch);
+      this.worker.postMessage({ id, jobs, urgent } satisfies WriteBatch);
     });
   }
 

@@ -19,6 +19,8 @@ export interface WriteJob {
 export interface WriteBatch {
   id: number;
   jobs: WriteJob[];
+  /** Writers are waiting for pages: run at normal priority for this batch (else nice 19). */
+  urgent: boolean;
 }
 
 /** Per job: null on success, else the error's code and message. */
@@ -33,26 +35,44 @@ export interface WorkerInit {
 }
 
 /**
- * Lowest CPU priority for this thread only (Linux: setpriority on the thread id). On a machine with fewer cores
- * than busy threads, the event loop and the clients must not wait for a writeback time slice; writeback gets
- * the idle CPU, and all of it when writers wait for pages (the event loop is then idle).
+ * This thread's id, for CPU priority changes that affect it alone (Linux: setpriority on a thread id), or
+ * null where /proc/thread-self does not exist.
  */
-function lowerPriority(): void {
+function threadId(): number | null {
   try {
     const tid = Number(readlinkSync('/proc/thread-self').split('/').pop());
-    if (Number.isInteger(tid) && tid > 0) setPriority(tid, 19);
+    return Number.isInteger(tid) && tid > 0 ? tid : null;
   } catch {
-    // Not Linux (no /proc/thread-self), or not allowed: run at normal priority.
+    return null;
+  }
+}
+
+/** Set this thread's nice value; false when the system does not allow it. */
+function nice(tid: number | null, value: number): void {
+  if (tid === null) return;
+  try {
+    setPriority(tid, value);
+  } catch {
+    // Raising priority back needs CAP_SYS_NICE (or RLIMIT_NICE): then the thread stays low.
   }
 }
 
 function main(): void {
   const port = parentPort;
   if (port === null) throw new Error('writeback-worker must run as a worker thread');
-  lowerPriority();
+  const tid = threadId();
+  // Low priority by default: on a machine with fewer cores than busy threads, the event loop and the clients
+  // must not wait for a writeback time slice. While writers wait for pages, the event loop has nothing to do
+  // and writeback is what everyone waits for: then normal priority.
+  let urgent = false;
+  nice(tid, 19);
   const init = workerData as WorkerInit;
   const page = mapRegionPages(init.regionFile, init.geometry);
   port.on('message', (batch: WriteBatch) => {
+    if (batch.urgent !== urgent) {
+      urgent = batch.urgent;
+      nice(tid, urgent ? 0 : 19);
+    }
     const errors: WriteBatchResult['errors'] = [];
     for (const job of batch.jobs) {
       try {

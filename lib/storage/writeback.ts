@@ -28,6 +28,8 @@ export interface WritebackOptions {
  * batch is an event-loop stall: 256 pages keep it near a millisecond.
  */
 const BATCH_PAGES = 256;
+/** Runs this long or longer are written on the event loop, not in the writeback thread (see write()). */
+const THREAD_MAX_RUN_PAGES = 32;
 /** Longest coalesced backing write, in pages (1 MiB). */
 const MAX_RUN_PAGES = 256;
 /** Backing writes in flight at once per batch. */
@@ -222,7 +224,8 @@ export class Writeback {
       local = [];
       for (const run of runs) {
         const len = runLength(run);
-        const dw = run.e.backing.directWrite?.(run.block * PAGE_SIZE, len) ?? null;
+        // Long runs are written here: one large write is cheap per page, and its pages are free sooner.
+        const dw = run.slots.length >= THREAD_MAX_RUN_PAGES ? null : (run.e.backing.directWrite?.(run.block * PAGE_SIZE, len) ?? null);
         if (dw === null) local.push(run);
         else threaded.push({ run, dw, len });
       }
@@ -230,7 +233,7 @@ export class Writeback {
     const inThread =
       threaded.length === 0
         ? null
-        : io!.write(threaded.map((x) => ({ fd: x.dw.fd, offset: x.run.block * PAGE_SIZE, length: x.len, slots: x.run.slots }))).then(
+        : io!.write(threaded.map((x) => ({ fd: x.dw.fd, offset: x.run.block * PAGE_SIZE, length: x.len, slots: x.run.slots })), s.waitingForSlots > 0).then(
             (errors) => {
               errors.forEach((err, i) => {
                 const x = threaded[i]!;

@@ -1,7 +1,8 @@
 // The writeback thread (writeback-io.ts + writeback-worker.ts) over a real region file and a real BackingFile:
 // pages written back by the thread land in the backing file (also runs cut at the export's end, and runs
-// over holes that the event loop then marks allocated), a failed job leaves its pages dirty with the error,
-// and once the thread is gone the worker falls back to writing on the event loop.
+// over holes that the event loop then marks allocated), long runs stay on the event loop, a failed job
+// leaves its pages dirty with the error, and once the thread is gone the worker falls back to writing on the
+// event loop.
 
 import t from 'tap';
 import type { Test } from 'tap';
@@ -85,6 +86,21 @@ t.test('the thread writes runs to the backing file; holes it filled are marked a
   const ext = await f.bf.extents(0, 8 * PS);
   t.same(ext, [{ length: 3 * PS, flags: 0 }, { length: 4 * PS, flags: 3 }, { length: PS, flags: 0 }], 'written blocks are allocated, the rest still holes');
   t.equal(f.wb.bytesWritten, 6 * PS + (size - 64 * PS), 'bytes written counted, the tail cut at the export end');
+});
+
+t.test('long runs (32 pages or more) are written on the event loop, short ones in the thread', async (t) => {
+  const f = await fixture(t, 128 * PS);
+  for (let b = 0; b < 40; b++) dirty(f, b, b);
+  dirty(f, 100, 100);
+  const threaded: number[] = [];
+  const write = f.io.write.bind(f.io);
+  f.io.write = (jobs, urgent) => {
+    for (const j of jobs) threaded.push(j.offset / PS);
+    return write(jobs, urgent);
+  };
+  await f.wb.flushExport(f.e);
+  t.same(threaded, [100], 'only the one-page run went to the thread');
+  for (const b of [0, 39, 100]) t.ok((await readBack(f.bf, b * PS, PS)).equals(fillPage(b)), `block ${b} written`);
 });
 
 t.test('a failed job leaves its pages dirty and reports the error; the next pass retries', async (t) => {
