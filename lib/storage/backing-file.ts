@@ -13,6 +13,7 @@ import * as path from 'node:path';
 import * as fsext from 'fs-ext';
 import { AllocMap } from './alloc-map';
 import { fullCapabilities, type BlockDevice, type Capabilities, type DirectWrite, type Extent, type WriteFlags, type ZeroFlags } from './block-device';
+import { remaining } from './iovec';
 import { Mutex } from './mutex';
 import { LockedError, NotSupportedError, UsageError } from '../errors';
 import type { Logger } from '../log';
@@ -367,20 +368,6 @@ export function checkCapacity(dir: string, size: number, name: string, log: Logg
     throw new UsageError(`export ${name}: ${size} bytes cannot fit on the filesystem of ${dir} (${total} bytes)`);
   }
   if (size > avail) log.warn({ export: name, size, available: avail }, 'export is larger than the free space in the data dir');
-}
-
-/** The buffers' bytes from byte `skip` on (after a short writev). */
-function remaining(bufs: readonly Buffer[], skip: number): Buffer[] {
-  const out: Buffer[] = [];
-  for (const b of bufs) {
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    out.push(skip > 0 ? b.subarray(skip) : b);
-    skip = 0;
-  }
-  return out;
 }
 
 async function readFully(fh: fsp.FileHandle, buf: Buffer, off: number, len: number, pos: number): Promise<void> {

@@ -6,6 +6,7 @@
 import { readlinkSync, writevSync } from 'node:fs';
 import { setPriority } from 'node:os';
 import { parentPort, workerData } from 'node:worker_threads';
+import { remaining } from './iovec';
 import { mapRegionPages, type RegionGeometry } from './region-map';
 
 /** One backing write: the pages of `slots`, back to back, to fd at offset; `length` may cut the last page. */
@@ -88,7 +89,7 @@ function main(): void {
 }
 
 function writeJob(job: WriteJob, page: (slot: number) => Buffer): void {
-  let bufs: Buffer[] = [];
+  const bufs: Buffer[] = [];
   let left = job.length;
   for (const slot of job.slots) {
     const p = page(slot);
@@ -97,25 +98,11 @@ function writeJob(job: WriteJob, page: (slot: number) => Buffer): void {
     if (left <= 0) break;
   }
   let done = 0;
+  let parts = bufs;
   while (done < job.length) {
-    const n = writevSync(job.fd, bufs, job.offset + done);
-    done += n;
-    if (done < job.length) bufs = rest(bufs, n);
+    done += writevSync(job.fd, parts, job.offset + done);
+    if (done < job.length) parts = remaining(bufs, done);
   }
-}
-
-/** The buffers after the first n bytes (a short writev). */
-function rest(bufs: Buffer[], n: number): Buffer[] {
-  const out: Buffer[] = [];
-  for (const b of bufs) {
-    if (n >= b.length) {
-      n -= b.length;
-      continue;
-    }
-    out.push(n > 0 ? b.subarray(n) : b);
-    n = 0;
-  }
-  return out;
 }
 
 main();
