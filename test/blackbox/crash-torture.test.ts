@@ -24,11 +24,12 @@
 import t from 'tap';
 import type { Test } from 'tap';
 import { existsSync, readdirSync } from 'node:fs';
-import * as http from 'node:http';
 import * as path from 'node:path';
 import { PeerError } from '../../lib/errors';
 import { NbdClient } from '../../lib/client/nbd-client';
+import { prng } from '../helpers/bytes';
 import { freshDir, startServer, type ServerProcess } from '../helpers/spawn-server';
+import { getStatus } from '../helpers/status';
 
 const MiB = 1024 * 1024;
 const KiB = 1024;
@@ -43,17 +44,6 @@ const SEED = process.env['CRASH_TORTURE_SEED'] !== undefined ? Number(process.en
 
 // -------------------------------------------------------------------------------------------------------------
 // Deterministic randomness
-
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Pseudo-random content of one write, reproducible from its seed (to name the write a stray byte came from). */
 function dataFor(seed: number, len: number): Buffer {
@@ -210,26 +200,6 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
       timer = setTimeout(() => reject(new Error(`${what} did not complete within ${ms} ms (server hang?)`)), ms);
     }),
   ]);
-}
-
-function getStatus(port: number): Promise<Record<string, any>> {
-  return new Promise((resolve, reject) => {
-    const req = http.get({ host: '127.0.0.1', port, path: '/v1/status', timeout: 5000 }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => (body += d));
-      res.on('end', () => {
-        try {
-          if (res.statusCode !== 200) throw new Error(`GET /v1/status: HTTP ${res.statusCode}: ${body}`);
-          resolve(JSON.parse(body) as Record<string, any>);
-        } catch (err) {
-          reject(err as Error);
-        }
-      });
-    });
-    req.on('timeout', () => req.destroy(new Error('GET /v1/status timed out')));
-    req.on('error', reject);
-  });
 }
 
 /** Read the whole export (4 MiB requests, 4 at a time) and check it against the model. */

@@ -13,7 +13,6 @@ import t from 'tap';
 import type { Test } from 'tap';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, openSync, closeSync, readSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
-import * as http from 'node:http';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { NbdClient } from '../../lib/client/nbd-client';
@@ -21,6 +20,7 @@ import { PeerError } from '../../lib/errors';
 import { requireThat, requireTool } from '../helpers/requires';
 import { run, sha256, sha256File, describe as describeRun } from '../helpers/run';
 import { SERVER_JS, freshDir, startServer, type ServerProcess } from '../helpers/spawn-server';
+import { getStatus } from '../helpers/status';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -52,26 +52,6 @@ interface Status {
   region: RegionStats;
   recovery: { pages: number; bytes: number; torn: number; superseded: number };
   node: { regionFile: string };
-}
-
-function getStatus(port: number): Promise<Status> {
-  return new Promise((resolve, reject) => {
-    const req = http.get({ host: '127.0.0.1', port, path: '/v1/status', timeout: 5000 }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => (body += d));
-      res.on('end', () => {
-        try {
-          if (res.statusCode !== 200) throw new Error(`GET /v1/status: HTTP ${res.statusCode}: ${body}`);
-          resolve(JSON.parse(body) as Status);
-        } catch (err) {
-          reject(err as Error);
-        }
-      });
-    });
-    req.on('timeout', () => req.destroy(new Error('GET /v1/status timed out')));
-    req.on('error', reject);
-  });
 }
 
 function connect(srv: ServerProcess, maxInFlight = 64): Promise<NbdClient> {
@@ -147,7 +127,7 @@ function sampleStatus(srv: ServerProcess): { stop: () => Promise<{ maxDirty: num
   const loop = (async () => {
     while (!stopped) {
       try {
-        const s = await getStatus(srv.httpPort);
+        const s = await getStatus<Status>(srv.httpPort);
         samples++;
         last = s;
         const r = s.region;
@@ -228,7 +208,7 @@ async function sustained(t: Test, srv: ServerProcess, bigCount: number, smallByt
   t.notOk(srv.exited, 'the server is still running');
   if (!finished) return;
   await withTimeout(big.flush(), 30_000, 'FLUSH');
-  const status = await getStatus(srv.httpPort);
+  const status = await getStatus<Status>(srv.httpPort);
   t.same(sampled.violations, [], `status figures stayed consistent (${sampled.samples} samples, at most ${sampled.maxDirty} dirty pages)`);
   t.ok(sampled.maxDirty <= status.region.capacityPages, `dirtyPages (max ${sampled.maxDirty}) ≤ capacity (${status.region.capacityPages})`);
   t.ok(status.region.backpressureWaits > 0, `writers waited for free pages (backpressureWaits ${status.region.backpressureWaits})`);
@@ -257,7 +237,7 @@ t.test('every page dirty until writers force them out (--writeback-high 100 --wr
   const first = randomBytes(512 * KiB);
   await c.pwrite(first, 90 * MiB);
   await new Promise((r) => setTimeout(r, 300));
-  const before = await getStatus(srv.httpPort);
+  const before = await getStatus<Status>(srv.httpPort);
   t.equal(before.region.dirtyPages, 128, `512 KiB of writes stay dirty below the watermark (${JSON.stringify(before.region)})`);
   await c.disconnect();
   await sustained(t, srv, 2, 16 * MiB, 55_000);
@@ -403,7 +383,7 @@ t.test('a clean stop writes everything back and removes the region file', async 
   const data = randomBytes(1 * MiB + 777);
   const c = await connect(srv);
   await c.pwrite(data, 5 * MiB + 3);
-  const status = await getStatus(srv.httpPort);
+  const status = await getStatus<Status>(srv.httpPort);
   t.ok(status.region.dirtyPages > 0, `pages are dirty before the stop (${status.region.dirtyPages})`);
   await c.disconnect();
   const file = regionFileOf(dataDir);
@@ -537,7 +517,7 @@ t.test('backing filesystem full: ENOSPC to the client, no crash, no lost data; w
   t.ok(errnos.includes(NBD_ENOSPC), `the client got ENOSPC (errnos seen: ${JSON.stringify([...new Set(errnos)])}, ENOSPC from ${noSpaceFrom.write} write(s) and ${noSpaceFrom.flush} flush(es); ${(ackedUpTo / MiB).toFixed(2)} MiB acknowledged, ${(flushedUpTo / MiB).toFixed(2)} MiB flushed by ${flushes + 1} successful FLUSHes)`);
   t.same(otherErrors, [], 'no other error (no EIO, no dropped connection)');
   t.notOk(srv.exited, 'the server did not crash');
-  const full = await getStatus(srv.httpPort);
+  const full = await getStatus<Status>(srv.httpPort);
   t.comment(`region while the disk is full: ${JSON.stringify(full.region)}`);
 
   // Flushed data reads back while the disk is still full.
