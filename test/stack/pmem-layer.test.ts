@@ -18,9 +18,10 @@ import { ReadCache } from '../../lib/storage/read-cache';
 import { Writeback } from '../../lib/storage/writeback';
 import { MemoryDevice } from '../../lib/storage/memory-device';
 import { BackingFile } from '../../lib/storage/backing-file';
-import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from '../../lib/storage/block-device';
+import type { BlockDevice, Extent, WriteFlags, ZeroFlags } from '../../lib/storage/block-device';
 import { NotSupportedError } from '../../lib/errors';
 import { silentLogger } from '../../lib/log';
+import { PassThroughDevice } from '../helpers/pass-through';
 import { prng } from '../helpers/bytes';
 
 const PS = 4096;
@@ -82,9 +83,7 @@ class Gate {
  * A BlockDevice wrapper that records what reaches the device and lets a test hold or fail operations
  * before they do. The hooks run before the inner call; a hook that throws fails the operation.
  */
-class Hooked implements BlockDevice {
-  readonly size: number;
-  readonly caps: Capabilities;
+class Hooked extends PassThroughDevice {
   writes: Array<{ offset: number; length: number }> = [];
   reads = 0;
   flushes = 0;
@@ -96,25 +95,20 @@ class Hooked implements BlockDevice {
   /** Before trim and zero. */
   beforeDeallocate: ((offset: number, length: number) => Promise<void>) | null = null;
 
-  constructor(readonly inner: BlockDevice) {
-    this.size = inner.size;
-    this.caps = inner.caps;
-  }
-
-  async pread(buf: Buffer, offset: number): Promise<void> {
+  override async pread(buf: Buffer, offset: number): Promise<void> {
     this.reads++;
     if (this.beforeRead) await this.beforeRead(offset, buf.length);
     await this.inner.pread(buf, offset);
   }
 
-  async pwrite(buf: Buffer, offset: number, flags: WriteFlags = {}): Promise<void> {
+  override async pwrite(buf: Buffer, offset: number, flags: WriteFlags = {}): Promise<void> {
     if (this.beforeWrite) await this.beforeWrite(offset, buf.length);
     await this.inner.pwrite(buf, offset, flags);
     this.writes.push({ offset, length: buf.length });
     this.writesSinceFlush++;
   }
 
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     const pending = this.writesSinceFlush;
     if (this.beforeFlush) await this.beforeFlush();
     await this.inner.flush();
@@ -122,26 +116,14 @@ class Hooked implements BlockDevice {
     this.writesSinceFlush -= pending;
   }
 
-  async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
+  override async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
     if (this.beforeDeallocate) await this.beforeDeallocate(offset, length);
     await this.inner.trim(offset, length, flags);
   }
 
-  async zero(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+  override async zero(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
     if (this.beforeDeallocate) await this.beforeDeallocate(offset, length);
     await this.inner.zero(offset, length, flags);
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.inner.cache(offset, length);
-  }
-
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.extents(offset, length);
-  }
-
-  close(): Promise<void> {
-    return this.inner.close();
   }
 
   /** Read straight from the inner device (bypassing hooks and counters). */

@@ -12,9 +12,10 @@ import { PmemStore, SLOT_CLEAN, SLOT_DIRTY, type StoreExport } from '../../../li
 import { ReadCache } from '../../../lib/storage/read-cache';
 import { Writeback, type WritebackOptions } from '../../../lib/storage/writeback';
 import { MemoryDevice } from '../../../lib/storage/memory-device';
-import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from '../../../lib/storage/block-device';
+import type { WriteFlags } from '../../../lib/storage/block-device';
 import { silentLogger } from '../../../lib/log';
 import { prng } from '../../helpers/bytes';
+import { PassThroughDevice } from '../../helpers/pass-through';
 
 const PS = 4096;
 const MiB = 1024 * 1024;
@@ -30,10 +31,7 @@ async function until(cond: () => boolean, what: string, ms = 5000): Promise<void
 }
 
 /** A MemoryDevice that records its writes and flushes and can hold or fail writes. */
-class Recorder implements BlockDevice {
-  readonly inner: MemoryDevice;
-  readonly size: number;
-  readonly caps: Capabilities;
+class Recorder extends PassThroughDevice<MemoryDevice> {
   writes: Array<{ offset: number; length: number }> = [];
   flushes = 0;
   inFlight = 0;
@@ -42,12 +40,10 @@ class Recorder implements BlockDevice {
   failNext = 0;
 
   constructor(size: number) {
-    this.inner = new MemoryDevice({ size });
-    this.size = size;
-    this.caps = this.inner.caps;
+    super(new MemoryDevice({ size }));
   }
 
-  async pwrite(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void> {
+  override async pwrite(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void> {
     this.inFlight++;
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
     try {
@@ -63,27 +59,8 @@ class Recorder implements BlockDevice {
     }
   }
 
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     this.flushes++;
-  }
-
-  pread(buf: Buffer, offset: number): Promise<void> {
-    return this.inner.pread(buf, offset);
-  }
-  trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
-    return this.inner.trim(offset, length, flags);
-  }
-  zero(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
-    return this.inner.zero(offset, length, flags);
-  }
-  cache(offset: number, length: number): Promise<void> {
-    return this.inner.cache(offset, length);
-  }
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.extents(offset, length);
-  }
-  close(): Promise<void> {
-    return this.inner.close();
   }
 
   get bytesWritten(): number {
