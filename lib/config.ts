@@ -19,6 +19,8 @@ export interface ExportConfig {
 
 export type Durability = 'disk' | 'pmem';
 
+export type Role = 'primary' | 'secondary';
+
 export interface Config {
   listen: Address;
   http: Address;
@@ -33,6 +35,16 @@ export interface Config {
   durability: Durability;
   /** Bytes of clean blocks kept in the read cache (0 disables it). */
   cacheSize: number;
+  /** A name for this node in logs and status (the node's uuid in node.json identifies it on the wire). */
+  nodeId: string | null;
+  /** Role every export takes at start; null = the role stored in NAME.meta.json (new: primary without a peer, else secondary). */
+  role: Role | null;
+  /** The peer node, or null for a single node. */
+  peer: { nbd: Address; http: string } | null;
+  /** A peer request unanswered this long (ms) marks the peer out of date and the primary goes on degraded. */
+  peerTimeoutMs: number;
+  /** Resync bytes per second; 0 = as fast as the link goes. */
+  resyncRate: number;
   writeback: {
     /** Fractions of the region's pages: start writing back above high, stop at low. */
     high: number;
@@ -56,6 +68,8 @@ export const DEFAULTS = {
   writebackHigh: '50',
   writebackLow: '25',
   writebackMaxAge: '5s',
+  peerTimeout: '5s',
+  resyncRate: '0',
 };
 
 /** Export names become file names (NAME.img), so they are restricted to a safe set. */
@@ -88,6 +102,16 @@ export function serverCommand(): Command {
     .addOption(new Option('--writeback-high <percent>', 'start writeback above this share of dirty region pages').default(DEFAULTS.writebackHigh).env('NBDMIRROR_WRITEBACK_HIGH'))
     .addOption(new Option('--writeback-low <percent>', 'stop writeback at this share of dirty region pages').default(DEFAULTS.writebackLow).env('NBDMIRROR_WRITEBACK_LOW'))
     .addOption(new Option('--writeback-max-age <duration>', 'write back pages dirty for longer than this (e.g. 500ms, 5s)').default(DEFAULTS.writebackMaxAge).env('NBDMIRROR_WRITEBACK_MAX_AGE'))
+    .addOption(new Option('--node-id <id>', "this node's name in logs and status (default: the host name)").env('NBDMIRROR_NODE_ID'))
+    .addOption(
+      new Option('--role <role>', 'role of every export at start (default: as stored; a new export is primary without --peer, else secondary)')
+        .choices(['primary', 'secondary'])
+        .env('NBDMIRROR_ROLE'),
+    )
+    .addOption(new Option('--peer <uri>', 'NBD address of the peer node, nbd://HOST:PORT (none: single node)').env('NBDMIRROR_PEER'))
+    .addOption(new Option('--peer-http <url>', "the peer's HTTP address, http://HOST:PORT (default: from --peer, port 9810)").env('NBDMIRROR_PEER_HTTP'))
+    .addOption(new Option('--peer-timeout <duration>', 'mark the peer out of date and go on degraded after it is silent this long').default(DEFAULTS.peerTimeout).env('NBDMIRROR_PEER_TIMEOUT'))
+    .addOption(new Option('--resync-rate <size>', 'resync bytes per second, e.g. 100M (0: as fast as the link goes)').default(DEFAULTS.resyncRate).env('NBDMIRROR_RESYNC_RATE'))
     .helpOption('-h, --help', 'show this help')
     .allowExcessArguments(false);
 }
@@ -150,7 +174,13 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Loa
     durability: o.durability as Durability,
     cacheSize: parseSize(String(o.cacheSize), '--cache-size'),
     writeback: parseWriteback(String(o.writebackHigh), String(o.writebackLow), String(o.writebackMaxAge)),
+    nodeId: typeof o.nodeId === 'string' && o.nodeId !== '' ? o.nodeId : null,
+    role: o.role === 'primary' || o.role === 'secondary' ? o.role : null,
+    peer: parsePeer(o.peer, o.peerHttp),
+    peerTimeoutMs: parseDuration(String(o.peerTimeout), 'peer-timeout'),
+    resyncRate: parseSize(String(o.resyncRate), '--resync-rate'),
   };
+  if (config.peerTimeoutMs < 50) throw new UsageError('--peer-timeout must be at least 50ms');
   return { kind: 'config', config: deepFreeze(config) };
 }
 
@@ -178,10 +208,20 @@ const FILE_KEYS: Record<string, string> = {
   writebackLow: 'writebackLow',
   'writeback-max-age': 'writebackMaxAge',
   writebackMaxAge: 'writebackMaxAge',
+  'node-id': 'nodeId',
+  nodeId: 'nodeId',
+  role: 'role',
+  peer: 'peer',
+  'peer-http': 'peerHttp',
+  peerHttp: 'peerHttp',
+  'peer-timeout': 'peerTimeout',
+  peerTimeout: 'peerTimeout',
+  'resync-rate': 'resyncRate',
+  resyncRate: 'resyncRate',
 };
 
 /** Keys whose config-file value may be a JSON number (sizes in bytes, percentages, seconds). */
-const NUMERIC_KEYS = new Set(['pmemSize', 'cacheSize', 'writebackHigh', 'writebackLow', 'writebackMaxAge']);
+const NUMERIC_KEYS = new Set(['pmemSize', 'cacheSize', 'writebackHigh', 'writebackLow', 'writebackMaxAge', 'peerTimeout', 'resyncRate']);
 
 /** Config-file values fill in what neither a flag nor the environment set. */
 function applyConfigFile(cmd: Command, file: string): void {
@@ -214,6 +254,8 @@ function applyConfigFile(cmd: Command, file: string): void {
       throw new UsageError(`config file ${file}: "log-level" must be one of ${LOG_LEVELS.join(', ')}`);
     } else if (attr === 'durability' && value !== 'disk' && value !== 'pmem') {
       throw new UsageError(`config file ${file}: "durability" must be "disk" or "pmem"`);
+    } else if (attr === 'role' && value !== 'primary' && value !== 'secondary') {
+      throw new UsageError(`config file ${file}: "role" must be "primary" or "secondary"`);
     }
     cmd.setOptionValueWithSource(attr, v, 'config');
   }
@@ -266,6 +308,27 @@ export function parseExport(text: string): ExportConfig {
   const size = parseSize(text.slice(eq + 1), `size of export ${name}`);
   if (size < 512) throw new UsageError(`export ${name}: size must be at least 512 bytes`);
   return { name, size };
+}
+
+/** --peer nbd://HOST:PORT and --peer-http http://HOST:PORT (default: the peer's host, port 9810). */
+function parsePeer(peer: unknown, peerHttp: unknown): Config['peer'] {
+  if (typeof peer !== 'string' || peer === '') {
+    if (typeof peerHttp === 'string' && peerHttp !== '') throw new UsageError('--peer-http needs --peer');
+    return null;
+  }
+  const m = /^nbd:\/\/(\[[0-9a-fA-F:.]+\]|[^:/\s]+)(?::(\d{1,5}))?\/?$/.exec(peer);
+  const port = m?.[2] === undefined ? 10809 : Number(m[2]);
+  if (!m || port < 1 || port > 65535) throw new UsageError(`invalid --peer "${peer}": use nbd://HOST:PORT, e.g. nbd://10.0.0.2:10809`);
+  const host = m[1]!.replace(/^\[|\]$/g, '');
+  let http = typeof peerHttp === 'string' && peerHttp !== '' ? peerHttp : `http://${m[1]}:9810`;
+  try {
+    const u = new URL(http);
+    if (u.protocol !== 'http:' || u.pathname !== '/' || u.search !== '') throw new Error('not a base URL');
+    http = `${u.protocol}//${u.host}`;
+  } catch {
+    throw new UsageError(`invalid --peer-http "${String(peerHttp)}": use http://HOST:PORT`);
+  }
+  return { nbd: { host, port }, http };
 }
 
 export function parseAddress(text: string, what: string): Address {

@@ -27,7 +27,8 @@ export type ErrorCode =
   | 'USAGE'
   | 'LOCKED'
   | 'CORRUPT'
-  | 'PEER';
+  | 'PEER'
+  | 'CONFLICT';
 
 export abstract class NbdmirrorError extends Error {
   abstract readonly code: ErrorCode;
@@ -97,6 +98,21 @@ export class PeerError extends NbdmirrorError {
   }
 }
 
+/**
+ * A request conflicts with the node's replication state (promote an outdated copy, link with a split-brain
+ * peer, a stale epoch). HTTP 409 and CLI exit 1; never reaches the NBD wire in practice (EIO if it did).
+ */
+export class ConflictError extends NbdmirrorError {
+  readonly code = 'CONFLICT';
+  constructor(
+    message: string,
+    readonly reason: string,
+    readonly details: Record<string, unknown> = {},
+  ) {
+    super(message);
+  }
+}
+
 /** Errno names the kernel reports for a full device or quota. */
 const SYSTEM_NO_SPACE = new Set(['ENOSPC', 'EDQUOT', 'EFBIG']);
 const SYSTEM_PERM = new Set(['EROFS', 'EPERM', 'EACCES']);
@@ -127,6 +143,7 @@ export function toNbdErrno(err: unknown): number {
       case 'IO':
       case 'LOCKED':
       case 'CORRUPT':
+      case 'CONFLICT':
         return NBD_EIO;
       case 'PEER':
         return (err as PeerError).errno || NBD_EIO;

@@ -3,15 +3,18 @@
 // server.ts and the tests both use it; nothing here reads process-global state.
 
 import { randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
 import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import * as path from 'node:path';
 import { type Address, type Config, formatAddress } from './config';
 import { HttpControl, sendJson } from './control/http';
+import { addReplicationRoutes } from './control/replication-routes';
 import { CorruptStateError, UsageError } from './errors';
 import type { Logger } from './log';
 import { ExportRegistry, type ExportHandle } from './server/exports';
 import { NbdServer } from './server/listener';
+import { LINK_PREFIX, Replica, type ReplicaStatus } from './replication/replica';
 import { BackingFile, checkCapacity, lockDataDir } from './storage/backing-file';
 import type { BlockIndex } from './storage/block-index';
 import { PmemLayer } from './storage/pmem-layer';
@@ -42,6 +45,7 @@ export interface NodeStatus {
   cache: { maxBytes: number; bytes: number; hits: number; misses: number };
   recovery: RecoveryFigures;
   exports: Array<{ name: string; size: number; residentPages: number }>;
+  replication: { nodeId: string; peer: string | null; exports: ReplicaStatus[] };
 }
 
 export interface NbdmirrorNode {
@@ -83,6 +87,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
   let writeback: Writeback | null = null;
   let io: WritebackIo | null = null;
   let nbd: NbdServer | null = null;
+  const replicas: Replica[] = [];
   const http = new HttpControl(log.child({ component: 'http' }));
   try {
     const uuid = await loadNodeUuid(config.dataDir);
@@ -122,12 +127,35 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     );
     const layers: Array<{ name: string; layer: PmemLayer; index: BlockIndex }> = [];
     const handles: ExportHandle[] = [];
+    const nodeId = config.nodeId ?? hostname();
+    const peer = config.peer === null ? null : { nbd: config.peer.nbd, http: config.peer.http, timeoutMs: config.peerTimeoutMs, resyncRate: config.resyncRate };
     for (const e of config.exports) {
       const se = store.addExport(e.name, backings.get(e.name)!);
       const layer = new PmemLayer(store, se, writeback, config.durability);
       layers.push({ name: e.name, layer, index: se.index });
-      handles.push({ name: e.name, description: `nbdmirror export ${e.name}`, device: layer });
+      const replica = await Replica.open({
+        name: e.name,
+        size: e.size,
+        dataDir: config.dataDir,
+        lower: layer,
+        nodeUuid: uuid,
+        nodeId,
+        role: config.role,
+        peer,
+        log: log.child({ export: e.name }),
+      });
+      replicas.push(replica);
+      handles.push({ name: e.name, description: `nbdmirror export ${e.name}`, device: replica.clientDevice });
     }
+    // The link export is LINK_PREFIX + NAME/TOKEN, valid only for the session the handshake granted.
+    const linkExport = (name: string): ExportHandle | undefined => {
+      if (!name.startsWith(LINK_PREFIX)) return undefined;
+      const rest = name.slice(LINK_PREFIX.length);
+      const slash = rest.lastIndexOf('/');
+      const r = replicas.find((x) => x.name === rest.slice(0, slash));
+      const device = r?.linkDevice(rest.slice(slash + 1));
+      return device === undefined ? undefined : { name, description: 'nbdmirror replication link', device };
+    };
 
     const status = (): NodeStatus => ({
       node: { uuid, durability: config.durability, regionFile },
@@ -136,15 +164,22 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
       cache: { maxBytes: cache.maxBytes, bytes: cache.bytes, hits: cache.hits, misses: cache.misses },
       recovery: figures,
       exports: layers.map((l) => ({ name: l.name, size: backings.get(l.name)!.size, residentPages: l.index.size })),
+      replication: {
+        nodeId,
+        peer: config.peer === null ? null : `nbd://${formatAddress(config.peer.nbd)}`,
+        exports: replicas.map((r) => r.status()),
+      },
     });
     http.addRoute('GET /v1/status', (_req, res) => sendJson(res, 200, status()));
+    addReplicationRoutes(http, replicas);
 
-    nbd = new NbdServer(new ExportRegistry(handles), log.child({ component: 'nbd' }));
+    nbd = new NbdServer(new ExportRegistry(handles, linkExport), log.child({ component: 'nbd' }));
     const addresses = { nbd: await nbd.listen(config.listen), http: await http.listen(config.http) };
     log.info(
       { nbd: formatAddress(addresses.nbd), http: formatAddress(addresses.http), exports: config.exports.map((e) => e.name), dataDir: config.dataDir, durability: config.durability },
       'listening',
     );
+    for (const r of replicas) r.start();
     const server = nbd;
     const wb = writeback;
     const threadIo = io;
@@ -156,6 +191,10 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
       stop: () =>
         (stopping ??= (async () => {
           await server.stop();
+          // Links stop after the clients' requests finished, so every acknowledged write reached both nodes.
+          for (const r of replicas) {
+            await r.close().catch((err: unknown) => log.error({ err, export: r.name }, 'closing the replication state failed'));
+          }
           await http.close();
           // Everything in the region goes to the backing files, so a clean stop leaves nothing to recover.
           for (const l of layers) {
@@ -174,6 +213,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     };
   } catch (err) {
     await nbd?.stop();
+    for (const r of replicas) await r.close().catch(() => undefined);
     await http.close().catch(() => undefined);
     await writeback?.stop();
     await io?.close();

@@ -31,14 +31,22 @@ export interface ExportHandle {
 export class ExportRegistry {
   private readonly byName = new Map<string, ExportHandle>();
 
-  constructor(readonly all: readonly ExportHandle[]) {
+  /**
+   * `hidden` resolves names that are never listed (the replication link's per-session export names); it is
+   * asked only for names that are not regular exports.
+   */
+  constructor(
+    readonly all: readonly ExportHandle[],
+    private readonly hidden?: (name: string) => ExportHandle | undefined,
+  ) {
     if (all.length === 0) throw new Error('at least one export is required');
     for (const e of all) this.byName.set(e.name, e);
   }
 
   /** The export for a client-supplied name; "" means the default (first) export. */
   find(name: string): ExportHandle | undefined {
-    return name === '' ? this.all[0] : this.byName.get(name);
+    if (name === '') return this.all[0];
+    return this.byName.get(name) ?? this.hidden?.(name);
   }
 }
 

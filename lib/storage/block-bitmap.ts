@@ -1,6 +1,7 @@
 // A bitmap over an export's blocks with fast "next set bit" scans: 32-bit words plus a summary level with
 // one bit per non-zero word, so a sparse map is scanned 1024 blocks per summary word. Used for the dirty
-// blocks the writeback worker sweeps in offset order. Pure (no I/O); `count` is exact.
+// blocks the writeback worker sweeps in offset order, and for the out-of-sync bitmap of replication (range
+// operations; `recount` after `words` were loaded from a file). Pure (no I/O); `count` is exact.
 
 export class BlockBitmap {
   readonly words: Uint32Array;
@@ -86,6 +87,82 @@ export class BlockBitmap {
     this.summary.fill(0);
     this.n = 0;
   }
+
+  /** Set bits [from, to); returns how many were clear. A word at a time. */
+  setRange(from: number, to: number): number {
+    this.checkRange(from, to);
+    if (from === to) return 0;
+    const firstW = from >>> 5;
+    const lastW = (to - 1) >>> 5;
+    let changed = 0;
+    for (let w = firstW; w <= lastW; w++) {
+      let mask = -1;
+      if (w === firstW) mask &= -1 << (from & 31);
+      if (w === lastW) mask &= -1 >>> (31 - ((to - 1) & 31));
+      const old = this.words[w]!;
+      const next = (old | mask) >>> 0;
+      if (next === old) continue;
+      changed += popcount(next ^ old);
+      this.words[w] = next;
+      if (old === 0) this.summary[w >>> 5]! |= 1 << (w & 31);
+    }
+    this.n += changed;
+    return changed;
+  }
+
+  /** Clear bits [from, to); returns how many were set. A word at a time. */
+  clearRange(from: number, to: number): number {
+    this.checkRange(from, to);
+    if (from === to) return 0;
+    const firstW = from >>> 5;
+    const lastW = (to - 1) >>> 5;
+    let changed = 0;
+    for (let w = firstW; w <= lastW; w++) {
+      let mask = -1;
+      if (w === firstW) mask &= -1 << (from & 31);
+      if (w === lastW) mask &= -1 >>> (31 - ((to - 1) & 31));
+      const old = this.words[w]!;
+      const next = (old & ~mask) >>> 0;
+      if (next === old) continue;
+      changed += popcount(next ^ old);
+      this.words[w] = next;
+      if (next === 0) this.summary[w >>> 5]! &= ~(1 << (w & 31));
+    }
+    this.n -= changed;
+    return changed;
+  }
+
+  /**
+   * Rebuild the summary level and the count from `words`, after they were filled from outside (read from a
+   * file). Bits past `size` in the last word are cleared.
+   */
+  recount(): void {
+    const tail = this.size & 31;
+    const last = this.words.length - 1;
+    if (tail !== 0 && last >= 0) this.words[last] = this.words[last]! & (-1 >>> (32 - tail));
+    this.summary.fill(0);
+    let n = 0;
+    for (let w = 0; w < this.words.length; w++) {
+      const x = this.words[w]!;
+      if (x === 0) continue;
+      this.summary[w >>> 5]! |= 1 << (w & 31);
+      n += popcount(x);
+    }
+    this.n = n;
+  }
+
+  private checkRange(from: number, to: number): void {
+    if (!(Number.isInteger(from) && Number.isInteger(to) && from >= 0 && from <= to && to <= this.size)) {
+      throw new RangeError(`bit range [${from}, ${to}) outside [0, ${this.size})`);
+    }
+  }
+}
+
+/** Number of set bits of a 32-bit value. */
+function popcount(x: number): number {
+  x = x - ((x >>> 1) & 0x55555555);
+  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+  return Math.imul((x + (x >>> 4)) & 0x0f0f0f0f, 0x01010101) >>> 24;
 }
 
 /** Count of trailing zero bits of a non-zero 32-bit value. */

@@ -55,8 +55,36 @@ t.test('defaults', async (t) => {
     durability: 'disk',
     cacheSize: 64 * MiB,
     writeback: { high: 0.5, low: 0.25, maxAgeMs: 5000 },
+    nodeId: null,
+    role: null,
+    peer: null,
+    peerTimeoutMs: 5000,
+    resyncRate: 0,
   });
   t.equal(DEFAULTS.export, 'disk0=1G');
+});
+
+t.test('replication flags', async (t) => {
+  const c = config(['--node-id', 'node-a', '--role', 'primary', '--peer', 'nbd://10.0.0.2:10809', '--peer-timeout', '750ms', '--resync-rate', '100M']);
+  t.equal(c.nodeId, 'node-a');
+  t.equal(c.role, 'primary');
+  t.same(c.peer, { nbd: { host: '10.0.0.2', port: 10809 }, http: 'http://10.0.0.2:9810' }, '--peer-http defaults to the peer host, port 9810');
+  t.equal(c.peerTimeoutMs, 750);
+  t.equal(c.resyncRate, 100 * MiB);
+  t.same(config(['--peer', 'nbd://[::1]:7000', '--peer-http', 'http://[::1]:7001/']).peer, { nbd: { host: '::1', port: 7000 }, http: 'http://[::1]:7001' });
+  t.equal(config(['--peer', 'nbd://peer']).peer?.nbd.port, 10809, 'default NBD port');
+  t.equal(config([], { NBDMIRROR_ROLE: 'secondary' }).role, 'secondary', 'from the environment');
+  for (const [args, re] of [
+    [['--role', 'leader'], /role/],
+    [['--peer', 'http://x:1'], /invalid --peer/],
+    [['--peer', 'nbd://x:99999'], /invalid --peer/],
+    [['--peer-http', 'http://x:1'], /--peer-http needs --peer/],
+    [['--peer', 'nbd://x:1', '--peer-http', 'ftp://x'], /invalid --peer-http/],
+    [['--peer-timeout', '10ms'], /at least 50ms/],
+    [['--resync-rate', 'fast'], /resync-rate/],
+  ] as Array<[string[], RegExp]>) {
+    t.throws(() => config(args), re, args.join(' '));
+  }
 });
 
 t.test('storage engine flags', async (t) => {
@@ -151,8 +179,16 @@ t.test('the config file', async (t) => {
       durability: 'pmem',
       cacheSize: MiB,
       writeback: { high: 0.9, low: 0.05, maxAgeMs: 1000 },
+      nodeId: null,
+      role: null,
+      peer: null,
+      peerTimeoutMs: 5000,
+      resyncRate: 0,
     });
     t.throws(() => config(['--config', writeJson(dir, 'bad-dur.json', { durability: 'ram' })]), /"durability" must be/);
+    t.throws(() => config(['--config', writeJson(dir, 'bad-role.json', { role: 'boss' })]), /"role" must be/);
+    const rep = config(['--config', writeJson(dir, 'rep.json', { 'node-id': 'n1', role: 'secondary', peer: 'nbd://p:1', 'peer-http': 'http://p:2', 'peer-timeout': 2, 'resync-rate': '1M' })]);
+    t.same([rep.nodeId, rep.role, rep.peer, rep.peerTimeoutMs, rep.resyncRate], ['n1', 'secondary', { nbd: { host: 'p', port: 1 }, http: 'http://p:2' }, 2000, MiB]);
   });
 
   t.test('camelCase keys, "exports", a single export string', async (t) => {

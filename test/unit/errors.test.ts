@@ -38,6 +38,7 @@ const CATALOGUE: Record<string, { code: string; errno: number; args?: unknown[] 
   CorruptStateError: { code: 'CORRUPT', errno: EIO },
   // The remote server's errno is passed through as it is.
   PeerError: { code: 'PEER', errno: ENOTSUP, args: [ENOTSUP] },
+  ConflictError: { code: 'CONFLICT', errno: EIO, args: ['split-brain'] },
 };
 
 type ErrorCtor = new (message: string, ...rest: unknown[]) => NbdmirrorError;

@@ -79,3 +79,71 @@ t.test('random operations match a boolean-array model', async (t) => {
     t.equal(bad, 0, `size ${size}: 4000 random operations agree with the model`);
   }
 });
+
+t.test('setRange/clearRange match the model and report the bits they changed', async (t) => {
+  const rnd = prng(11);
+  for (const size of [1, 31, 32, 33, 64, 1025, 40_000]) {
+    const m = new BlockBitmap(size);
+    const bits = new Array<boolean>(size).fill(false);
+    let bad = 0;
+    for (let op = 0; op < 1500; op++) {
+      const a = Math.floor(rnd() * (size + 1));
+      const len = rnd() < 0.5 ? Math.floor(rnd() * 70) : Math.floor(rnd() * (size + 1));
+      const b = Math.min(size, a + len);
+      const value = rnd() < 0.5;
+      let expect = 0;
+      for (let i = a; i < b; i++) {
+        if (bits[i] !== value) expect++;
+        bits[i] = value;
+      }
+      const changed = value ? m.setRange(a, b) : m.clearRange(a, b);
+      if (changed !== expect) bad++;
+      if (m.count !== bits.filter(Boolean).length) bad++;
+      const from = Math.floor(rnd() * (size + 1));
+      if (m.nextSet(from) !== modelNext(bits, from, true)) bad++;
+      if (m.nextClear(from) !== modelNext(bits, from, false)) bad++;
+    }
+    const seen: number[] = [];
+    for (let i = m.nextSet(0); i >= 0; i = m.nextSet(i + 1)) seen.push(i);
+    t.same(seen, bits.flatMap((v, i) => (v ? [i] : [])), `size ${size}: walk of set bits (summary kept up to date)`);
+    t.equal(bad, 0, `size ${size}: 1500 random range operations agree with the model`);
+  }
+});
+
+t.test('range edges and bad ranges', async (t) => {
+  const m = new BlockBitmap(100);
+  t.equal(m.setRange(0, 100), 100, 'whole map');
+  t.equal(m.nextClear(0), 100);
+  t.equal(m.setRange(10, 20), 0, 'already set');
+  t.equal(m.clearRange(31, 33), 2, 'across a word boundary');
+  t.same([m.get(30), m.get(31), m.get(32), m.get(33)], [true, false, false, true]);
+  t.equal(m.clearRange(5, 5), 0, 'empty range');
+  t.equal(m.clearRange(0, 100), 98);
+  t.equal(m.count, 0);
+  t.equal(m.nextSet(0), -1, 'summary cleared');
+  t.throws(() => m.setRange(-1, 3), RangeError);
+  t.throws(() => m.setRange(5, 101), RangeError);
+  t.throws(() => m.clearRange(6, 5), RangeError);
+  t.throws(() => m.setRange(0.5, 3), RangeError);
+});
+
+t.test('recount rebuilds count and summary from words written from outside', async (t) => {
+  const m = new BlockBitmap(70_000); // 2188 words: three summary words
+  m.words[0] = 0x80000001;
+  m.words[1500] = 0xffffffff;
+  m.words[2187] = 0xffffffff; // bits past 70_000 are padding
+  m.recount();
+  t.equal(m.count, 2 + 32 + (70_000 - 2187 * 32), 'padding bits are not counted');
+  t.equal(m.words[2187], (1 << (70_000 - 2187 * 32)) - 1, 'padding bits cleared');
+  t.equal(m.nextSet(1), 31);
+  t.equal(m.nextSet(32), 1500 * 32, 'found through the rebuilt summary');
+  t.equal(m.nextSet(1501 * 32), 2187 * 32);
+  m.words.fill(0);
+  m.recount();
+  t.equal(m.count, 0);
+  t.equal(m.nextSet(0), -1, 'stale summary bits dropped');
+  const full = new BlockBitmap(64);
+  full.words.fill(0xffffffff);
+  full.recount();
+  t.equal(full.count, 64, 'no padding when size is a multiple of 32');
+});
