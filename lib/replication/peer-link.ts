@@ -52,6 +52,8 @@ export class PeerLink {
   private wake: (() => void) | null = null;
   /** kick() arrived while no sleep was under way: skip the next one. */
   private kicked = false;
+  /** The current session reached the connected (mirroring) state. */
+  private reachedConnected = false;
   /** Watchdog: requests in flight on the peer and when one last completed (or the first started). */
   private pending = 0;
   private lastProgress = 0;
@@ -166,10 +168,13 @@ export class PeerLink {
     let backoff = BACKOFF_MIN_MS;
     while (!this.stopped) {
       let refused = false;
+      this.reachedConnected = false;
       try {
         refused = await this.once();
         backoff = BACKOFF_MIN_MS;
       } catch (err) {
+        // A session that got as far as mirroring starts the backoff over: only failed attempts grow it.
+        if (this.reachedConnected) backoff = BACKOFF_MIN_MS;
         const msg = (err as Error).message;
         if (this.stateValue !== 'connecting' || this.reason !== msg) this.log.info({ reason: msg }, 'link down; will retry');
         this.setState(this.stopped ? 'stopped' : 'connecting', msg);
@@ -243,6 +248,7 @@ export class PeerLink {
       if (!synced.ok) throw new IoError(`peer refused the end of resync: ${JSON.stringify(synced.body)}`);
       await this.replica.resyncDone();
       this.setState('connected', null);
+      this.reachedConnected = true;
       this.log.info('peer connected and up to date');
       const err = await lost;
       if (!this.stopped) this.log.warn({ err: err.message }, 'link lost');
