@@ -25,6 +25,7 @@ import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 import { crc32 } from '@node-rs/crc32';
 import { CorruptStateError, IoError, ShutdownError } from '../errors';
+import { ioError, readFully, syncDir, writeFully } from '../storage/file-io';
 
 export const AL_EXTENT_SIZE = 4 * 1024 * 1024;
 export const AL_DEFAULT_SLOTS = 1024;
@@ -695,42 +696,5 @@ async function createFile(dir: string, file: string, size: number, slots: number
     await syncDir(dir);
   } catch (err) {
     throw ioError(file, err);
-  }
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const dh = await fsp.open(dir, fsc.O_RDONLY);
-  try {
-    await dh.sync();
-  } catch {
-    // Some filesystems refuse fsync on a directory; the rename is then as durable as they make it.
-  } finally {
-    await dh.close();
-  }
-}
-
-function ioError(file: string, err: unknown): IoError {
-  return new IoError(`${file}: ${(err as Error).message}`, { cause: err });
-}
-
-async function readFully(fh: fsp.FileHandle, file: string, buf: Buffer, pos: number): Promise<void> {
-  let off = 0;
-  try {
-    while (off < buf.length) {
-      const { bytesRead } = await fh.read(buf, off, buf.length - off, pos + off);
-      if (bytesRead === 0) throw new CorruptStateError(`${file}: short file`);
-      off += bytesRead;
-    }
-  } catch (err) {
-    if (err instanceof CorruptStateError) throw err;
-    throw ioError(file, err);
-  }
-}
-
-async function writeFully(fh: fsp.FileHandle, buf: Buffer, pos: number): Promise<void> {
-  let off = 0;
-  while (off < buf.length) {
-    const { bytesWritten } = await fh.write(buf, off, buf.length - off, pos + off);
-    off += bytesWritten;
   }
 }

@@ -7,6 +7,7 @@ import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { CorruptStateError } from '../errors';
+import { syncDir } from '../storage/file-io';
 import { type Generations, initialGenerations, isGenerations } from './generations';
 
 export const META_VERSION = 1;
@@ -92,12 +93,7 @@ export async function saveMeta(dir: string, name: string, meta: ExportMeta): Pro
     await fh.close();
   }
   await fsp.rename(tmp, file);
-  const d = await fsp.open(dir, 'r');
-  try {
-    await d.sync();
-  } finally {
-    await d.close();
-  }
+  await syncDir(dir);
 }
 
 /**

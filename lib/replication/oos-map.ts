@@ -21,6 +21,7 @@ import * as path from 'node:path';
 import { crc32 } from '@node-rs/crc32';
 import { BlockBitmap } from '../storage/block-bitmap';
 import { CorruptStateError, IoError, ShutdownError } from '../errors';
+import { ioError, readFully, syncDir, writeFully } from '../storage/file-io';
 
 export const OOS_BLOCK_SIZE = 4096;
 
@@ -330,42 +331,5 @@ async function createFile(dir: string, file: string, header: Buffer, length: num
     await syncDir(dir);
   } catch (err) {
     throw ioError(file, err);
-  }
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const dh = await fsp.open(dir, fsc.O_RDONLY);
-  try {
-    await dh.sync();
-  } catch {
-    // Some filesystems refuse fsync on a directory; the rename is then as durable as they make it.
-  } finally {
-    await dh.close();
-  }
-}
-
-function ioError(file: string, err: unknown): IoError {
-  return new IoError(`${file}: ${(err as Error).message}`, { cause: err });
-}
-
-async function readFully(fh: fsp.FileHandle, file: string, buf: Buffer, pos: number): Promise<void> {
-  let off = 0;
-  try {
-    while (off < buf.length) {
-      const { bytesRead } = await fh.read(buf, off, buf.length - off, pos + off);
-      if (bytesRead === 0) throw new CorruptStateError(`${file}: short file`);
-      off += bytesRead;
-    }
-  } catch (err) {
-    if (err instanceof CorruptStateError) throw err;
-    throw ioError(file, err);
-  }
-}
-
-async function writeFully(fh: fsp.FileHandle, buf: Buffer, pos: number): Promise<void> {
-  let off = 0;
-  while (off < buf.length) {
-    const { bytesWritten } = await fh.write(buf, off, buf.length - off, pos + off);
-    off += bytesWritten;
   }
 }
