@@ -8,133 +8,24 @@
 import t from 'tap';
 import type { Test } from 'tap';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
-import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmdirSync, writeFileSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { requireThat, requireTool } from '../helpers/requires';
+import { AttachedExport, missingMountPrivileges } from '../helpers/nbdfuse';
 import { describe, run, type RunResult, sha256, sha256File } from '../helpers/run';
 import { type ServerProcess, startServer } from '../helpers/spawn-server';
 
 const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
 
-function isMounted(dir: string): boolean {
-  const real = path.resolve(dir);
-  return readFileSync('/proc/mounts', 'utf8')
-    .split('\n')
-    .some((line) => line.split(' ')[1] === real);
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-/** Wait for p, at most ms (the timer never keeps the process alive). */
-function within(p: Promise<unknown>, ms: number): Promise<unknown> {
-  return Promise.race([p, new Promise((r) => setTimeout(r, ms).unref())]);
-}
-
-/** The export attached as /dev/loopN through nbdfuse; detach() undoes every step that was done. */
-class AttachedExport {
-  loop: string | null = null;
-  private fuseExited = false;
-  private fuseLog = '';
-
-  private constructor(
-    readonly fuseDir: string,
-    readonly mountDir: string,
-    private readonly fusePid: number,
-    private readonly exitedP: Promise<void>,
-  ) {}
-
-  /** Start nbdfuse on uri, wait for its file, attach a loop device. Registers detach() as a teardown. */
-  static async attach(tt: Test, base: string, uri: string, label: string): Promise<AttachedExport> {
-    const fuseDir = path.join(base, `fuse-${label}`);
-    const mountDir = path.join(base, `mnt-${label}`);
-    mkdirSync(fuseDir);
-    mkdirSync(mountDir);
-    const child = spawn('nbdfuse', [path.join(fuseDir, 'disk'), uri], { stdio: ['ignore', 'pipe', 'pipe'] });
-    if (child.pid === undefined) throw new Error('cannot spawn nbdfuse');
-    let resolveExit!: () => void;
-    const exitedP = new Promise<void>((r) => (resolveExit = r));
-    const a = new AttachedExport(fuseDir, mountDir, child.pid, exitedP);
-    child.stdout!.on('data', (d: Buffer) => (a.fuseLog += d.toString()));
-    child.stderr!.on('data', (d: Buffer) => (a.fuseLog += d.toString()));
-    child.on('exit', () => {
-      a.fuseExited = true;
-      resolveExit();
-    });
-    // Registered before anything else can fail (LIFO: runs before the server started earlier is killed).
-    tt.teardown(() => a.detach());
-
-    const file = path.join(fuseDir, 'disk');
-    const deadline = Date.now() + 15_000;
-    while (!(existsSync(file) && statSync(file).size === SIZE)) {
-      if (a.fuseExited) throw new Error(`nbdfuse exited early:\n${a.fuseLog}`);
-      if (Date.now() > deadline) throw new Error(`nbdfuse did not expose ${file} within 15 s:\n${a.fuseLog}`);
-      await sleep(50);
-    }
-    const r = await run('losetup', ['-f', '--show', file], { timeoutMs: 20_000 });
-    if (r.code !== 0) throw new Error(`losetup failed\n${describe(r)}`);
-    a.loop = r.stdout.trim();
-    return a;
-  }
-
-  /** Undo whatever is in place: umount, losetup -d, fusermount3 -u, then make sure nbdfuse is gone. */
-  async detach(): Promise<string[]> {
-    const problems: string[] = [];
-    const step = async (cmd: string, args: string[]): Promise<void> => {
-      const r = await run(cmd, args, { timeoutMs: 30_000 });
-      if (r.code !== 0) problems.push(describe(r));
-    };
-    if (isMounted(this.mountDir)) await step('umount', [this.mountDir]);
-    if (this.loop !== null) {
-      await step('losetup', ['-d', this.loop]);
-      this.loop = null;
-    }
-    if (isMounted(this.fuseDir)) await step('fusermount3', ['-u', this.fuseDir]);
-    if (!this.fuseExited) {
-      await within(this.exitedP, 10_000);
-      if (!this.fuseExited) {
-        try {
-          process.kill(this.fusePid, 'SIGKILL');
-        } catch {
-          // gone
-        }
-        await within(this.exitedP, 5_000);
-        // A killed FUSE daemon leaves a dead mount behind; a lazy unmount clears it.
-        if (isMounted(this.fuseDir)) await step('fusermount3', ['-u', '-z', this.fuseDir]);
-      }
-    }
-    for (const d of [this.mountDir, this.fuseDir]) {
-      if (!isMounted(d) && existsSync(d)) {
-        try {
-          rmdirSync(d);
-        } catch (err) {
-          problems.push(`rmdir ${d}: ${(err as Error).message}`);
-        }
-      }
-    }
-    return problems;
-  }
-}
-
 function checkOk(tt: Test, r: RunResult, what: string, srv: ServerProcess): void {
   tt.equal(r.code, 0, what, r.code === 0 ? {} : { run: describe(r), server: srv.logTail() });
 }
 
-/** Root, /dev/fuse and loop devices: without them this test cannot run at all. */
-function missingPrivileges(): string | null {
-  if (process.getuid?.() !== 0) return 'needs root (mount, losetup)';
-  if (!existsSync('/dev/fuse')) return 'needs /dev/fuse';
-  if (!existsSync('/dev/loop-control')) return 'needs loop devices (/dev/loop-control)';
-  return null;
-}
-
 const tools = ['nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'fsck.ext4', 'fstrim', 'mount', 'umount', 'sync'];
 if (tools.every((tool) => requireTool(t, tool))) {
-  const missing = missingPrivileges();
+  const missing = missingMountPrivileges();
   if (requireThat(t, missing === null, `ext4-nbdfuse: ${missing ?? ''}`)) {
     t.test('ext4-nbdfuse: mkfs, files, fsck clean, restart, fsck + contents intact', async (tt) => {
       // Mount points live outside the tap fixture dir, so its recursive cleanup can never walk into a mount.
@@ -150,7 +41,7 @@ if (tools.every((tool) => requireTool(t, tool))) {
       let srv = await startServer(tt, { args });
 
       // Round 1: make a filesystem, write files, fsck.
-      let disk = await AttachedExport.attach(tt, base, srv.uri('disk0'), 'a');
+      let disk = await AttachedExport.attach(tt, base, srv.uri('disk0'), 'a', SIZE);
       const dev = disk.loop!;
       checkOk(tt, await run('mkfs.ext4', ['-F', '-q', '-E', 'lazy_itable_init=0,lazy_journal_init=0', dev], { timeoutMs: 60_000 }), 'mkfs.ext4', srv);
       checkOk(tt, await run('mount', ['-t', 'ext4', dev, disk.mountDir], { timeoutMs: 30_000 }), 'mount', srv);
@@ -182,7 +73,7 @@ if (tools.every((tool) => requireTool(t, tool))) {
       // Round 2: restart the server and attach afresh, so every byte comes from the server again.
       tt.same(await srv.stop(), { code: 0, signal: null }, 'server SIGTERM → exit 0');
       srv = await startServer(tt, { dataDir: srv.dataDir, args });
-      disk = await AttachedExport.attach(tt, base, srv.uri('disk0'), 'b');
+      disk = await AttachedExport.attach(tt, base, srv.uri('disk0'), 'b', SIZE);
       const dev2 = disk.loop!;
       checkOk(tt, await run('fsck.ext4', ['-fn', dev2], { timeoutMs: 60_000 }), 'fsck.ext4 -fn after restart: clean', srv);
       checkOk(tt, await run('mount', ['-t', 'ext4', dev2, disk.mountDir], { timeoutMs: 30_000 }), 'remount', srv);
