@@ -40,11 +40,12 @@ function buildProgram(): Command {
     .command('status')
     .description('show the replication state of every export: role, disk state, link, out-of-sync data, resync progress, split brain')
     .addOption(httpOption())
+    .addOption(tokenOption())
     .option('--json', 'print the JSON of GET /v1/status instead of text (one line per change with --watch)')
     .option('--watch', 'keep refreshing until interrupted (Ctrl-C): progress bars on a TTY, one line per change otherwise')
     .option('--interval <ms>', 'refresh interval for --watch in milliseconds', parseInterval, 1000)
-    .action(async (opts: { http: string; json?: boolean; watch?: boolean; interval: number }) => {
-      const client = new AdminClient(opts.http);
+    .action(async (opts: { http: string; token?: string; json?: boolean; watch?: boolean; interval: number }) => {
+      const client = new AdminClient(opts.http, { token: opts.token ?? null });
       if (opts.watch !== true) {
         const s = await client.status();
         print(s, opts.json === true, () => formatStatus(s.replication));
@@ -60,10 +61,11 @@ function buildProgram(): Command {
     .description('make this node primary for an export (refused unless its copy is UpToDate and no live primary is attached)')
     .argument('<export>', 'export name')
     .addOption(httpOption())
+    .addOption(tokenOption())
     .option('--json', 'print the new replication state as JSON')
     .option('--force', 'promote even an outdated or inconsistent copy, or one a live primary is attached to')
-    .action(async (name: string, opts: { http: string; json?: boolean; force?: boolean }) => {
-      const r = await new AdminClient(opts.http).promote(name, opts.force === true);
+    .action(async (name: string, opts: { http: string; token?: string; json?: boolean; force?: boolean }) => {
+      const r = await new AdminClient(opts.http, { token: opts.token ?? null }).promote(name, opts.force === true);
       print(r, opts.json === true, () => `${name}: ${r.role === 'primary' ? `primary (epoch ${r.epoch})` : `still ${r.role}`}\n\n${formatExport(r)}`);
     });
 
@@ -72,9 +74,10 @@ function buildProgram(): Command {
     .description('make this node secondary for an export (clients can no longer write it here)')
     .argument('<export>', 'export name')
     .addOption(httpOption())
+    .addOption(tokenOption())
     .option('--json', 'print the new replication state as JSON')
-    .action(async (name: string, opts: { http: string; json?: boolean }) => {
-      const r = await new AdminClient(opts.http).demote(name);
+    .action(async (name: string, opts: { http: string; token?: string; json?: boolean }) => {
+      const r = await new AdminClient(opts.http, { token: opts.token ?? null }).demote(name);
       print(r, opts.json === true, () => `${name}: ${r.role}\n\n${formatExport(r)}`);
     });
 
@@ -83,12 +86,13 @@ function buildProgram(): Command {
     .description('wait until an export is in sync on this node, showing progress; with --discard-my-data first throw away this node\'s changes (split-brain resolution)')
     .argument('<export>', 'export name')
     .addOption(httpOption())
+    .addOption(tokenOption())
     .option('--json', 'print the final replication state as JSON')
     .option('--discard-my-data', "drop this node's changes to the export: it becomes secondary and is resynced from the peer")
     .option('--timeout <ms>', 'give up (exit 1) after this many milliseconds', parseTimeout, 600_000)
     .option('--interval <ms>', 'poll interval in milliseconds', parseInterval, 1000)
-    .action(async (name: string, opts: { http: string; json?: boolean; discardMyData?: boolean; timeout: number; interval: number }) => {
-      const client = new AdminClient(opts.http);
+    .action(async (name: string, opts: { http: string; token?: string; json?: boolean; discardMyData?: boolean; timeout: number; interval: number }) => {
+      const client = new AdminClient(opts.http, { token: opts.token ?? null });
       if (opts.discardMyData === true) {
         const d = await client.discardMyData(name);
         process.stderr.write(`${name}: local changes discarded; this node is ${d.role} (${d.disk}) and waits to be resynced from its peer\n`);
@@ -100,6 +104,11 @@ function buildProgram(): Command {
     });
 
   return program;
+}
+
+/** --token, for the commands that call a node's admin endpoints. */
+function tokenOption(): Option {
+  return new Option('--token <token>', "the node's --admin-token (needed when it has one)").env('NBDMIRROR_ADMIN_TOKEN');
 }
 
 /** --http, shared by the commands that talk to a node's HTTP endpoint. */

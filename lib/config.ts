@@ -45,6 +45,8 @@ export interface Config {
   peerTimeoutMs: number;
   /** Resync bytes per second; 0 = as fast as the link goes. */
   resyncRate: number;
+  /** Bearer token the HTTP POST endpoints require (and this node sends to its peer); null = none. */
+  adminToken: string | null;
   writeback: {
     /** Fractions of the region's pages: start writing back above high, stop at low. */
     high: number;
@@ -81,7 +83,7 @@ export function serverCommand(): Command {
     .description('Replicated NBD server (nbdmirror). Every flag is also a config-file key and an NBDMIRROR_* variable.')
     .addOption(new Option('--config <file>', 'JSON config file whose keys are the long flag names').env('NBDMIRROR_CONFIG'))
     .addOption(new Option('--listen <host:port>', 'NBD listen address').default(DEFAULTS.listen).env('NBDMIRROR_LISTEN'))
-    .addOption(new Option('--http <host:port>', 'HTTP address for /healthz (port 0 picks a free one)').default(DEFAULTS.http).env('NBDMIRROR_HTTP'))
+    .addOption(new Option('--http <host:port>', 'HTTP address for /healthz, /readyz, /metrics, /v1/status and the admin endpoints (port 0 picks a free one)').default(DEFAULTS.http).env('NBDMIRROR_HTTP'))
     .addOption(new Option('--data-dir <dir>', 'directory for backing files').default(DEFAULTS.dataDir).env('NBDMIRROR_DATA_DIR'))
     .addOption(
       new Option('--export <name=size>', `export to serve, created if absent; repeatable, comma-separated in the env (default: "${DEFAULTS.export}")`)
@@ -112,6 +114,11 @@ export function serverCommand(): Command {
     .addOption(new Option('--peer-http <url>', "the peer's HTTP address, http://HOST:PORT (default: from --peer, port 9810)").env('NBDMIRROR_PEER_HTTP'))
     .addOption(new Option('--peer-timeout <duration>', 'mark the peer out of date and go on degraded after it is silent this long').default(DEFAULTS.peerTimeout).env('NBDMIRROR_PEER_TIMEOUT'))
     .addOption(new Option('--resync-rate <size>', 'resync bytes per second, e.g. 100M (0: as fast as the link goes)').default(DEFAULTS.resyncRate).env('NBDMIRROR_RESYNC_RATE'))
+    .addOption(
+      new Option('--admin-token <token>', 'bearer token the admin POST endpoints require; the same on both nodes (required when --http is not on loopback)').env(
+        'NBDMIRROR_ADMIN_TOKEN',
+      ),
+    )
     .helpOption('-h, --help', 'show this help')
     .allowExcessArguments(false);
 }
@@ -179,8 +186,13 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Loa
     peer: parsePeer(o.peer, o.peerHttp),
     peerTimeoutMs: parseDuration(String(o.peerTimeout), 'peer-timeout'),
     resyncRate: parseSize(String(o.resyncRate), '--resync-rate'),
+    adminToken: typeof o.adminToken === 'string' && o.adminToken !== '' ? o.adminToken : null,
   };
   if (config.peerTimeoutMs < 50) throw new UsageError('--peer-timeout must be at least 50ms');
+  if (config.adminToken === null && !isLoopback(config.http.host)) {
+    throw new UsageError(`--http ${formatAddress(config.http)} is not on loopback: set --admin-token (or NBDMIRROR_ADMIN_TOKEN) so that only operators can promote, demote or resync`);
+  }
+  if (config.adminToken !== null && config.adminToken.length < 8) throw new UsageError('--admin-token must be at least 8 characters');
   return { kind: 'config', config: deepFreeze(config) };
 }
 
@@ -218,6 +230,8 @@ const FILE_KEYS: Record<string, string> = {
   peerTimeout: 'peerTimeout',
   'resync-rate': 'resyncRate',
   resyncRate: 'resyncRate',
+  'admin-token': 'adminToken',
+  adminToken: 'adminToken',
 };
 
 /** Keys whose config-file value may be a JSON number (sizes in bytes, percentages, seconds). */
@@ -336,6 +350,11 @@ export function parseAddress(text: string, what: string): Address {
   const port = m ? Number(m[3]) : NaN;
   if (!m || port > 65535) throw new UsageError(`invalid --${what} address "${text}": use HOST:PORT, e.g. 127.0.0.1:10809`);
   return { host: (m[1] ?? m[2])!, port };
+}
+
+/** 127.0.0.0/8, ::1 and localhost: addresses only this machine can reach. */
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
 }
 
 export function formatAddress(a: Address): string {

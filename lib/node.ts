@@ -12,6 +12,8 @@ import { HttpControl, sendJson } from './control/http';
 import { addReplicationRoutes } from './control/replication-routes';
 import { CorruptStateError, UsageError } from './errors';
 import type { Logger } from './log';
+import { createNodeMetrics, type MetricsSnapshot } from './metrics/prometheus';
+import { NodeRequestStats } from './metrics/request-stats';
 import { ExportRegistry, type ExportHandle } from './server/exports';
 import { NbdServer } from './server/listener';
 import { LINK_PREFIX, Replica, type ReplicaStatus } from './replication/replica';
@@ -23,6 +25,7 @@ import { PmemStore } from './storage/pmem-store';
 import { ReadCache } from './storage/read-cache';
 import { Writeback } from './storage/writeback';
 import { WritebackIo } from './storage/writeback-io';
+import { packageVersion } from './version';
 
 export interface NodeAddresses {
   nbd: Address;
@@ -88,8 +91,15 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
   let io: WritebackIo | null = null;
   let nbd: NbdServer | null = null;
   const replicas: Replica[] = [];
-  const http = new HttpControl(log.child({ component: 'http' }));
+  const http = new HttpControl(log.child({ component: 'http' }), config.adminToken);
+  // HTTP comes up first, so /healthz answers during a long recovery while /readyz says 503 until serving.
+  let ready = false;
+  http.addRoute('GET /readyz', (_req, res) => sendJson(res, ready ? 200 : 503, { status: ready ? 'ready' : 'starting' }));
+  const notYet: Parameters<HttpControl['addRoute']>[1] = (_req, res) => sendJson(res, 503, { error: 'starting: exports not open yet' });
+  http.addRoute('GET /v1/status', notYet);
+  http.addRoute('GET /metrics', notYet);
   try {
+    const httpAddress = await http.listen(config.http);
     const uuid = await loadNodeUuid(config.dataDir);
     for (const e of config.exports) {
       checkCapacity(config.dataDir, e.size, e.name, log);
@@ -128,7 +138,11 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     const layers: Array<{ name: string; layer: PmemLayer; index: BlockIndex }> = [];
     const handles: ExportHandle[] = [];
     const nodeId = config.nodeId ?? hostname();
-    const peer = config.peer === null ? null : { nbd: config.peer.nbd, http: config.peer.http, timeoutMs: config.peerTimeoutMs, resyncRate: config.resyncRate };
+    const peer =
+      config.peer === null
+        ? null
+        : { nbd: config.peer.nbd, http: config.peer.http, timeoutMs: config.peerTimeoutMs, resyncRate: config.resyncRate, adminToken: config.adminToken };
+    const requests = new NodeRequestStats();
     for (const e of config.exports) {
       const se = store.addExport(e.name, backings.get(e.name)!);
       const layer = new PmemLayer(store, se, writeback, config.durability);
@@ -145,7 +159,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
         log: log.child({ export: e.name }),
       });
       replicas.push(replica);
-      handles.push({ name: e.name, description: `nbdmirror export ${e.name}`, device: replica.clientDevice });
+      handles.push({ name: e.name, description: `nbdmirror export ${e.name}`, device: replica.clientDevice, stats: requests.for(e.name, 'client') });
     }
     // The link export is LINK_PREFIX + NAME/TOKEN, valid only for the session the handshake granted.
     const linkExport = (name: string): ExportHandle | undefined => {
@@ -154,7 +168,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
       const slash = rest.lastIndexOf('/');
       const r = replicas.find((x) => x.name === rest.slice(0, slash));
       const device = r?.linkDevice(rest.slice(slash + 1));
-      return device === undefined ? undefined : { name, description: 'nbdmirror replication link', device };
+      return device === undefined ? undefined : { name, description: 'nbdmirror replication link', device, stats: requests.for(r!.name, 'peer') };
     };
 
     const status = (): NodeStatus => ({
@@ -170,16 +184,57 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
         exports: replicas.map((r) => r.status()),
       },
     });
+    const snapshot = (): MetricsSnapshot => {
+      const st = store.stats();
+      return {
+        region: {
+          capacityPages: st.capacityPages,
+          usedPages: st.capacityPages - st.freePages,
+          dirtyPages: st.dirtyPages,
+          pageSize: PAGE_SIZE,
+          backpressureWaits: st.backpressureWaits,
+          oldestDirtySeconds: st.oldestDirtyMs === null ? null : st.oldestDirtyMs / 1000,
+        },
+        writebackBytes: writeback!.bytesWritten,
+        cache: { hits: cache.hits, misses: cache.misses, bytes: cache.bytes, maxBytes: cache.maxBytes },
+        replication: replicas.map((r) => {
+          const s = r.status();
+          const rs = s.link?.resync ?? null;
+          return {
+            export: s.name,
+            role: s.role,
+            disk: s.disk,
+            linkState: s.link?.state ?? null,
+            epoch: s.epoch,
+            outOfSyncBytes: s.outOfSync.bytes,
+            splitBrain: s.splitBrain !== null,
+            resync:
+              rs === null
+                ? null
+                : { doneBytes: rs.bytesSent + rs.bytesZeroed, totalBytes: rs.totalBlocks * PAGE_SIZE, rate: rs.rate, etaSeconds: rs.etaSeconds },
+            resyncSentBytes: r.link?.resyncSentBytes ?? 0,
+            peerWrites: r.link?.peerWrites ?? null,
+          };
+        }),
+      };
+    };
+    const metrics = createNodeMetrics({ requests, snapshot }, { version: packageVersion(), nodeId });
     http.addRoute('GET /v1/status', (_req, res) => sendJson(res, 200, status()));
+    http.addRoute('GET /metrics', async (_req, res) => {
+      const text = await metrics.text();
+      res.writeHead(200, { 'content-type': metrics.contentType, 'content-length': Buffer.byteLength(text) });
+      res.end(text);
+    });
     addReplicationRoutes(http, replicas);
 
-    nbd = new NbdServer(new ExportRegistry(handles, linkExport), log.child({ component: 'nbd' }));
-    const addresses = { nbd: await nbd.listen(config.listen), http: await http.listen(config.http) };
+    nbd = new NbdServer(new ExportRegistry(handles, linkExport), log.child({ component: 'nbd' }), requests);
+    const addresses = { nbd: await nbd.listen(config.listen), http: httpAddress };
     log.info(
       { nbd: formatAddress(addresses.nbd), http: formatAddress(addresses.http), exports: config.exports.map((e) => e.name), dataDir: config.dataDir, durability: config.durability },
       'listening',
     );
     for (const r of replicas) r.start();
+    ready = true;
     const server = nbd;
     const wb = writeback;
     const threadIo = io;
@@ -190,6 +245,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
       status,
       stop: () =>
         (stopping ??= (async () => {
+          ready = false;
           await server.stop();
           // Links stop after the clients' requests finished, so every acknowledged write reached both nodes.
           for (const r of replicas) {

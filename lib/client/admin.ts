@@ -125,15 +125,19 @@ function describeFetchError(err: unknown, timeoutMs: number): string {
 export interface AdminClientOptions {
   /** Per-request bound (ms). */
   timeoutMs?: number;
+  /** Bearer token for the node's admin endpoints (its --admin-token). */
+  token?: string | null;
 }
 
 export class AdminClient {
   readonly base: string;
   readonly timeoutMs: number;
+  private readonly token: string | null;
 
   constructor(base: string, opts: AdminClientOptions = {}) {
     this.base = parseHttpBase(base);
     this.timeoutMs = opts.timeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    this.token = opts.token === undefined || opts.token === '' ? null : opts.token;
   }
 
   /** GET /v1/status. IoError when the node cannot be reached or answers something that is not a status. */
@@ -179,6 +183,9 @@ export class AdminClient {
         details,
       );
     }
+    if (res.status === 401) {
+      throw new IoError(`${action} ${name}: the node at ${this.base} requires its admin token: pass --token or set NBDMIRROR_ADMIN_TOKEN${errorText(res.body)}`);
+    }
     if (res.status === 404) {
       // Either the export does not exist or the server does not know the action: tell which.
       let known: ReplicationView | null = null;
@@ -199,9 +206,12 @@ export class AdminClient {
     const url = `${this.base}${path}`;
     let res: Response;
     try {
+      const headers: Record<string, string> = { accept: 'application/json' };
+      if (body !== undefined) headers['content-type'] = 'application/json';
+      if (this.token !== null) headers['authorization'] = `Bearer ${this.token}`;
       res = await fetch(url, {
         method,
-        headers: body === undefined ? { accept: 'application/json' } : { accept: 'application/json', 'content-type': 'application/json' },
+        headers,
         ...(body === undefined ? {} : { body: JSON.stringify(body) }),
         signal: AbortSignal.timeout(timeoutMs),
       });

@@ -1,5 +1,7 @@
-// The node's HTTP endpoint. For now: GET /healthz (process up). Later issues add /metrics, /readyz, /v1/….
+// The node's HTTP endpoint: GET /healthz (process up) plus the routes the node adds (/readyz, /metrics,
+// /v1/status, the admin POSTs). Every POST needs `Authorization: Bearer <--admin-token>` when a token is set.
 
+import { createHash, timingSafeEqual } from 'node:crypto';
 import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Address } from '../config';
@@ -11,7 +13,14 @@ export class HttpControl {
   private readonly server: http.Server;
   private readonly routes = new Map<string, Route>();
 
-  constructor(private readonly log: Logger) {
+  /** sha256 of the admin token (compared in constant time), or null when POSTs need none. */
+  private readonly tokenHash: Buffer | null;
+
+  constructor(
+    private readonly log: Logger,
+    adminToken: string | null = null,
+  ) {
+    this.tokenHash = adminToken === null ? null : sha256(adminToken);
     this.routes.set('GET /healthz', (_req, res) => sendJson(res, 200, { status: 'ok' }));
     this.server = http.createServer((req, res) => void this.handle(req, res));
     this.server.keepAliveTimeout = 5000;
@@ -30,12 +39,23 @@ export class HttpControl {
       const known = [...this.routes.keys()].some((k) => k.endsWith(` ${url.pathname}`));
       return sendJson(res, known ? 405 : 404, { error: known ? 'method not allowed' : 'not found' });
     }
+    if (req.method === 'POST' && !this.authorized(req)) {
+      this.log.warn({ path: url.pathname, remote: req.socket.remoteAddress }, 'admin request without a valid token refused');
+      res.setHeader('www-authenticate', 'Bearer realm="nbdmirror"');
+      return sendJson(res, 401, { error: 'this endpoint needs the admin token: Authorization: Bearer <--admin-token>' });
+    }
     try {
       await route(req, res);
     } catch (err) {
       this.log.error({ err, path: url.pathname }, 'HTTP handler failed');
       if (!res.headersSent) sendJson(res, 500, { error: 'internal error' });
     }
+  }
+
+  private authorized(req: http.IncomingMessage): boolean {
+    if (this.tokenHash === null) return true;
+    const m = /^Bearer\s+(\S+)\s*$/i.exec(req.headers.authorization ?? '');
+    return m !== null && timingSafeEqual(sha256(m[1]!), this.tokenHash);
   }
 
   listen(addr: Address): Promise<Address> {
@@ -61,4 +81,8 @@ export function sendJson(res: http.ServerResponse, status: number, body: unknown
   const text = JSON.stringify(body);
   res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
   res.end(text);
+}
+
+function sha256(s: string): Buffer {
+  return createHash('sha256').update(s).digest();
 }

@@ -9,6 +9,7 @@ import { NbdClient } from '../client/nbd-client';
 import type { Address } from '../config';
 import { IoError } from '../errors';
 import type { Logger } from '../log';
+import { LatencyHistogram } from '../metrics/histogram';
 import type { SyncVerdict } from './generations';
 import { runResync, type ResyncProgress } from './resync';
 import type { LinkRequest, LinkResponse, Replica } from './replica';
@@ -20,6 +21,8 @@ export interface PeerLinkOptions {
   http: string;
   timeoutMs: number;
   resyncRate: number;
+  /** Sent as a bearer token on every call to the peer's HTTP endpoint (both nodes share it); null = none. */
+  adminToken: string | null;
 }
 
 export interface LinkStatus {
@@ -34,6 +37,8 @@ export interface LinkStatus {
   lastResync: { bytesSent: number; bytesZeroed: number; blocks: number; ms: number } | null;
 }
 
+/** A running resync logs its progress this often. */
+const RESYNC_LOG_EVERY_MS = 5000;
 const BACKOFF_MIN_MS = 100;
 const BACKOFF_MAX_MS = 5000;
 const REFUSED_RETRY_MS = 5000;
@@ -47,6 +52,10 @@ export class PeerLink {
   private resync: ResyncProgress | null = null;
   private lastResync: LinkStatus['lastResync'] = null;
   private connects = 0;
+  /** For the metrics: how long the peer takes to acknowledge mirrored writes, and bytes every resync sent. */
+  readonly peerWrites = new LatencyHistogram();
+  resyncSentBytes = 0;
+  private resyncCounted = 0;
   private stopped = false;
   private loop: Promise<void> | null = null;
   private wake: (() => void) | null = null;
@@ -192,7 +201,8 @@ export class PeerLink {
     const res = await this.post<LinkResponse>('link', req);
     if (!res.ok) {
       const body = res.body as { reason?: string; error?: string; epoch?: number };
-      const reason = body.reason ?? 'refused';
+      // 401: the nodes were given different --admin-token values.
+      const reason = body.reason ?? (res.status === 401 ? 'unauthorized' : 'refused');
       if (this.stateValue !== 'refused' || this.reason !== reason) {
         this.log.error({ reason, detail: body.error }, 'the peer refused the replication link');
       }
@@ -227,6 +237,8 @@ export class PeerLink {
         this.setState('syncing', null);
         this.log.info({ verdict: granted.verdict, blocks: this.replica.oosCount }, 'resync started');
         const started = Date.now();
+        this.resyncCounted = 0;
+        let lastLog = started;
         const done = await Promise.race([
           runResync({
             local: this.replica.lower,
@@ -236,7 +248,21 @@ export class PeerLink {
             rateLimit: this.opts.resyncRate,
             cancelled: () => this.client !== client,
             track: (p) => this.track(p),
-            onProgress: (p) => (this.resync = p),
+            onProgress: (p) => {
+              this.resync = p;
+              const bytes = p.bytesSent + p.bytesZeroed;
+              this.resyncSentBytes += bytes - this.resyncCounted;
+              this.resyncCounted = bytes;
+              const now = Date.now();
+              if (now - lastLog >= RESYNC_LOG_EVERY_MS) {
+                lastLog = now;
+                const remaining = this.replica.oosCount;
+                this.log.info(
+                  { doneBlocks: p.doneBlocks, remainingBlocks: remaining, bytes, rate: Math.round(p.rate), etaSeconds: p.rate > 0 ? Math.ceil((remaining * 4096) / p.rate) : null },
+                  'resync progress',
+                );
+              }
+            },
           }),
           lost.then((e) => Promise.reject(e)),
         ]);
@@ -294,7 +320,7 @@ export class PeerLink {
     try {
       res = await fetch(url, {
         method: 'POST',
-        headers: { 'content-type': 'application/json' },
+        headers: this.opts.adminToken === null ? { 'content-type': 'application/json' } : { 'content-type': 'application/json', authorization: `Bearer ${this.opts.adminToken}` },
         body: JSON.stringify(body),
         signal: AbortSignal.timeout(Math.max(this.opts.timeoutMs, 1000)),
       });

@@ -143,7 +143,7 @@ export class Replica {
       for (const e of recovered) oos.mark(e * AL_EXTENT_SIZE, Math.min(AL_EXTENT_SIZE, o.size - e * AL_EXTENT_SIZE));
       await oos.persist();
       await al.cool();
-      o.log.warn({ export: o.name, extents: recovered.length }, 'activity log: writes were in flight at the last stop; those extents will be resynced');
+      o.log.warn({ extents: recovered.length }, 'activity log: writes were in flight at the last stop; those extents will be resynced');
     }
     if (o.role !== null && o.role !== store.meta.role) {
       const role = o.role;
@@ -258,7 +258,10 @@ export class Replica {
           await local();
           return;
         }
-        const [l, r] = await Promise.allSettled([local(), this.link!.track(remote(peer))]);
+        const t0 = performance.now();
+        const link = this.link!;
+        const mirrored = link.track(remote(peer)).then(() => link.peerWrites.observe((performance.now() - t0) / 1000));
+        const [l, r] = await Promise.allSettled([local(), mirrored]);
         if (r.status === 'rejected') {
           const d = this.diverge();
           if (d) await d;
@@ -328,7 +331,7 @@ export class Replica {
         await this.meta.update((n) => {
           n.epoch = peerEpoch + 1;
         });
-        this.log.warn({ export: this.name, epoch: peerEpoch + 1, verdict: v }, 'the peer had seen a newer epoch: this primary moved past it');
+        this.log.warn({ epoch: peerEpoch + 1, verdict: v }, 'the peer had seen a newer epoch: this primary moved past it');
         this.link?.kick();
       }
       return;
@@ -336,7 +339,7 @@ export class Replica {
     if (reason === 'peer-primary' && peerEpoch > m.epoch && m.gen.bitmap === '' && this.oos.count === 0 && this.role === 'primary') {
       // The peer was promoted after this node last held the role, and this node has written nothing since
       // they agreed: step down instead of becoming a second primary.
-      this.log.warn({ export: this.name, peerEpoch, epoch: m.epoch }, 'the peer is primary with a higher epoch: this node becomes secondary');
+      this.log.warn({ peerEpoch, epoch: m.epoch }, 'the peer is primary with a higher epoch: this node becomes secondary');
       await this.demote();
     }
   }
@@ -344,7 +347,7 @@ export class Replica {
   private noteSplitBrain(local: Generations, peer: Generations, peerNode: string): void {
     if (this.splitBrain === null) {
       this.log.error(
-        { export: this.name, local, peer, peerNode },
+        { local, peer, peerNode },
         'SPLIT BRAIN: both nodes wrote to this export while apart. The link is refused and no data is discarded; ' +
           'run `nbdmirror resync --discard-my-data` on the node whose changes are to be thrown away',
       );
@@ -384,7 +387,7 @@ export class Replica {
     this.endSession();
     const token = randomBytes(16).toString('hex');
     this.session = { token, epoch: req.epoch, node: req.node, nodeId: req.nodeId, since: Date.now(), lastSeen: Date.now(), active: true };
-    this.log.info({ export: this.name, primary: req.nodeId, epoch: req.epoch, verdict: effective, ownBlocks: this.oos.count }, 'replication link accepted');
+    this.log.info({ primary: req.nodeId, epoch: req.epoch, verdict: effective, ownBlocks: this.oos.count }, 'replication link accepted');
     return { token, exportName: `${LINK_PREFIX}${this.name}/${token}`, verdict: effective, ranges, node: this.o.nodeUuid, nodeId: this.o.nodeId, epoch: req.epoch };
   }
 
@@ -399,7 +402,7 @@ export class Replica {
     });
     this.oos.clearAll();
     await this.oos.persist();
-    this.log.info({ export: this.name, primary: s.nodeId }, 'resync complete: this copy is up to date');
+    this.log.info({ primary: s.nodeId }, 'resync complete: this copy is up to date');
   }
 
   /** The primary goes on without this node: its copy is out of date. */
@@ -412,7 +415,7 @@ export class Replica {
       await this.meta.update((n) => {
         n.disk = 'Outdated';
       });
-      this.log.warn({ export: this.name }, 'the primary went on without this node: copy marked Outdated');
+      this.log.warn('the primary went on without this node: copy marked Outdated');
     }
   }
 
@@ -466,7 +469,7 @@ export class Replica {
       n.epoch += 1;
       if (force) n.disk = 'UpToDate';
     });
-    this.log.warn({ export: this.name, epoch: this.meta.meta.epoch, force }, 'promoted to primary');
+    this.log.warn({ epoch: this.meta.meta.epoch, force }, 'promoted to primary');
     this.link?.start();
     this.link?.kick();
   }
@@ -480,7 +483,7 @@ export class Replica {
     if (this.inFlight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
     await this.link?.stop();
     await this.oos.persist();
-    this.log.warn({ export: this.name }, 'demoted to secondary');
+    this.log.warn('demoted to secondary');
   }
 
   /**
@@ -494,7 +497,7 @@ export class Replica {
       n.disk = 'Outdated';
     });
     this.splitBrain = null;
-    this.log.warn({ export: this.name, gen: this.meta.meta.gen }, 'local changes will be discarded: the peer resyncs this copy');
+    this.log.warn({ gen: this.meta.meta.gen }, 'local changes will be discarded: the peer resyncs this copy');
   }
 
   status(): ReplicaStatus {

@@ -46,6 +46,7 @@ import {
 import { decodeRequest, type Request } from '../protocol/request';
 import { type NbdmirrorError, ProtocolError, ShutdownError, toNbdErrno } from '../errors';
 import type { Logger } from '../log';
+import type { RequestStats } from '../metrics/request-stats';
 import type { BlockDevice, WriteFlags } from '../storage/block-device';
 import type { ExportRegistry } from './exports';
 import {
@@ -98,6 +99,7 @@ export class Connection {
   private optionSkip: { option: number; length: number; remaining: number } | null = null;
   private device: BlockDevice | null = null;
   private vctx: ValidateContext | null = null;
+  private stats: RequestStats | null = null;
   private structured = false;
   private exportName = '';
   /** A WRITE whose payload is still arriving. */
@@ -233,6 +235,7 @@ export class Connection {
     this.handshakeTimer = null;
     this.device = n.export.device;
     this.exportName = n.export.name;
+    this.stats = n.export.stats ?? null;
     this.structured = n.structuredReplies;
     this.vctx = { size: n.export.device.size, flags: n.flags, structuredReplies: n.structuredReplies, baseAllocation: n.baseAllocation };
     this.log = this.log.child({ export: n.export.name });
@@ -280,6 +283,7 @@ export class Connection {
     if (req.type === NBD_CMD_WRITE) {
       if (err !== null) {
         // A refused write's payload is discarded as it arrives, never buffered.
+        this.stats?.refused(req.type);
         this.draining = { req, err, remaining: req.length };
         return;
       }
@@ -291,24 +295,35 @@ export class Connection {
       }
       return;
     }
-    if (err !== null) return this.replyError(req, err);
+    if (err !== null) {
+      this.stats?.refused(req.type);
+      return this.replyError(req, err);
+    }
     this.dispatch(req, null);
   }
 
   private dispatch(req: Request, payload: Buffer | null): void {
     if (req.type === NBD_CMD_WRITE || req.type === NBD_CMD_TRIM || req.type === NBD_CMD_WRITE_ZEROES) this.wrote = true;
+    const st = this.stats;
+    const t0 = st === null ? 0 : st.begin(req.type);
     let p: Promise<void> | null;
     try {
       p = this.start(req, payload);
     } catch (err) {
       p = Promise.reject(err);
     }
-    if (p === null) return; // done and answered already: nothing was in flight
+    if (p === null) {
+      // done and answered already: nothing was in flight
+      st?.end(req.type, req.length, t0);
+      return;
+    }
     const bytes = req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE ? req.length : 0;
     this.inFlight++;
     this.inFlightBytes += bytes;
     this.maybePause();
     p.then(undefined, (err: unknown) => this.replyError(req, err)).then(() => {
+      // FLUSH and BLOCK_STATUS carry no data: their length is not counted as bytes.
+      st?.end(req.type, req.type === NBD_CMD_FLUSH || req.type === NBD_CMD_BLOCK_STATUS ? 0 : req.length, t0);
       this.inFlight--;
       this.inFlightBytes -= bytes;
       this.maybeResume();
@@ -440,6 +455,7 @@ export class Connection {
 
   private replyError(req: Request, err: unknown): void {
     const errno = toNbdErrno(err);
+    this.stats?.error(req.type, errno);
     const message = err instanceof Error ? err.message : String(err);
     const expected = errno === NBD_ENOTSUP && (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0;
     this.log[expected ? 'debug' : 'warn']({ cmd: nameOfCmd(req.type), offset: req.offset, length: req.length, errno, err: message }, 'request failed');

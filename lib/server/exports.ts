@@ -14,6 +14,7 @@ import {
   NBD_FLAG_SEND_WRITE_ZEROES,
 } from '../protocol/constants';
 import type { BlockSizes } from '../protocol/handshake';
+import type { RequestStats } from '../metrics/request-stats';
 import type { BlockDevice } from '../storage/block-device';
 
 /** Largest READ/WRITE payload we accept (bytes); advertised as the maximum block size. */
@@ -26,6 +27,8 @@ export interface ExportHandle {
   readonly name: string;
   readonly description: string;
   readonly device: BlockDevice;
+  /** Where the connections serving this export count their requests (none: not counted). */
+  readonly stats?: RequestStats;
 }
 
 export class ExportRegistry {

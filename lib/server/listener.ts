@@ -4,6 +4,7 @@
 import * as net from 'node:net';
 import type { Address } from '../config';
 import type { Logger } from '../log';
+import type { NodeRequestStats } from '../metrics/request-stats';
 import { Connection } from './connection';
 import type { ExportRegistry } from './exports';
 
@@ -19,6 +20,8 @@ export class NbdServer {
   constructor(
     private readonly exports: ExportRegistry,
     private readonly log: Logger,
+    /** Connection counters for the metrics (none: not counted). */
+    private readonly stats?: NodeRequestStats,
   ) {
     this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
   }
@@ -50,7 +53,15 @@ export class NbdServer {
     log.info({ remote: `${socket.remoteAddress}:${socket.remotePort}` }, 'connection accepted');
     const conn = new Connection(socket, { exports: this.exports, log });
     this.connections.add(conn);
-    void conn.closed.then(() => this.connections.delete(conn));
+    const st = this.stats;
+    if (st) {
+      st.connectionsAccepted++;
+      st.connectionsOpen++;
+    }
+    void conn.closed.then(() => {
+      this.connections.delete(conn);
+      if (st) st.connectionsOpen--;
+    });
   }
 
   /** Stop accepting; every connection answers new requests with ESHUTDOWN, finishes and flushes. */

@@ -60,6 +60,7 @@ t.test('defaults', async (t) => {
     peer: null,
     peerTimeoutMs: 5000,
     resyncRate: 0,
+    adminToken: null,
   });
   t.equal(DEFAULTS.export, 'disk0=1G');
 });
@@ -85,6 +86,17 @@ t.test('replication flags', async (t) => {
   ] as Array<[string[], RegExp]>) {
     t.throws(() => config(args), re, args.join(' '));
   }
+});
+
+t.test('--admin-token: required off loopback, at least 8 characters', async (t) => {
+  t.equal(config([]).adminToken, null, 'none by default (loopback HTTP)');
+  t.equal(config(['--admin-token', 'sekrit-token']).adminToken, 'sekrit-token');
+  t.equal(config([], { NBDMIRROR_ADMIN_TOKEN: 'from-the-env' }).adminToken, 'from-the-env', 'from the environment');
+  t.equal(config(['--http', '0.0.0.0:9810', '--admin-token', 'sekrit-token']).http.host, '0.0.0.0', 'any address with a token');
+  for (const host of ['127.0.0.2', 'localhost', '[::1]']) t.equal(config(['--http', `${host}:9810`]).adminToken, null, `${host} is loopback: no token needed`);
+  t.match(usageError(t, ['--http', '0.0.0.0:9810']), /not on loopback: set --admin-token/);
+  t.match(usageError(t, ['--http', '10.1.2.3:9810']), /NBDMIRROR_ADMIN_TOKEN/);
+  t.match(usageError(t, ['--admin-token', 'short']), /at least 8 characters/);
 });
 
 t.test('storage engine flags', async (t) => {
@@ -132,7 +144,7 @@ t.test('each flag', async (t) => {
 
 t.test('each NBDMIRROR_* variable', async (t) => {
   t.same(config([], { NBDMIRROR_LISTEN: '10.0.0.1:1' }).listen, { host: '10.0.0.1', port: 1 });
-  t.same(config([], { NBDMIRROR_HTTP: '10.0.0.1:2' }).http, { host: '10.0.0.1', port: 2 });
+  t.same(config([], { NBDMIRROR_HTTP: '10.0.0.1:2', NBDMIRROR_ADMIN_TOKEN: 'env-token' }).http, { host: '10.0.0.1', port: 2 });
   t.equal(config([], { NBDMIRROR_DATA_DIR: '/srv/d' }).dataDir, '/srv/d');
   t.same(config([], { NBDMIRROR_EXPORT: 'x=1M' }).exports, [{ name: 'x', size: MiB }]);
   t.same(config([], { NBDMIRROR_EXPORT: 'x=1M, y=2G ,z=512' }).exports, [
@@ -165,6 +177,7 @@ t.test('the config file', async (t) => {
       'writeback-high': 90,
       'writeback-low': '5',
       'writeback-max-age': '1s',
+      'admin-token': 'file-token',
     });
     t.same(config(['--config', file]), {
       listen: { host: '0.0.0.0', port: 1 },
@@ -184,6 +197,7 @@ t.test('the config file', async (t) => {
       peer: null,
       peerTimeoutMs: 5000,
       resyncRate: 0,
+      adminToken: 'file-token',
     });
     t.throws(() => config(['--config', writeJson(dir, 'bad-dur.json', { durability: 'ram' })]), /"durability" must be/);
     t.throws(() => config(['--config', writeJson(dir, 'bad-role.json', { role: 'boss' })]), /"role" must be/);
@@ -245,6 +259,7 @@ t.test('precedence: flags > env > file > defaults', async (t) => {
     export: ['file=1M'],
     'read-only': true,
     'log-level': 'warn',
+    'admin-token': 'file-token',
   });
   const env = {
     NBDMIRROR_LISTEN: '2.2.2.2:1',
