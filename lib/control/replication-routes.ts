@@ -1,6 +1,6 @@
 // HTTP endpoints of replication, per export under /v1/exports/NAME/:
 //   peer-facing:     POST link (handshake → session token), synced (resync finished), outdate (primary went on
-//                    without us);
+//                    without us), unlink (the primary stops cleanly: its session ends);
 //   operator-facing: POST promote [{"force":true}], demote, discard-my-data.
 // Errors: a ConflictError is 409 with its reason, bad input 400; the body is always JSON.
 
@@ -56,6 +56,10 @@ const HANDLERS: Record<string, Handler> = {
   },
   outdate: async (r, body) => {
     await r.outdate(body);
+    return { ok: true };
+  },
+  unlink: async (r, body) => {
+    r.unlink(body);
     return { ok: true };
   },
   promote: async (r, body, req) => {

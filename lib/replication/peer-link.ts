@@ -39,6 +39,11 @@ export interface LinkStatus {
 
 /** A running resync logs its progress this often. */
 const RESYNC_LOG_EVERY_MS = 5000;
+/** Mirrored ranges wait at most about this long (or this many) for a FLUSH of the peer. */
+const PEER_FLUSH_EVERY_MS = 1000;
+const PEER_FLUSH_MAX_RANGES = 65536;
+/** During a resync the peer is flushed after this many bytes, so a cut resync resumes near where it was. */
+const RESYNC_FLUSH_BYTES = 2 * 1024 * 1024;
 const BACKOFF_MIN_MS = 100;
 const BACKOFF_MAX_MS = 5000;
 const REFUSED_RETRY_MS = 5000;
@@ -65,6 +70,10 @@ export class PeerLink {
   private reachedConnected = false;
   /** Watchdog: requests in flight on the peer and when one last completed (or the first started). */
   private pending = 0;
+  /** A background FLUSH of the peer is under way. */
+  private flushing = false;
+  /** The token of the session the peer granted last (ended by stop()). */
+  private sessionToken: string | null = null;
   private lastProgress = 0;
   private watchdog: NodeJS.Timeout | null = null;
   private lostCurrent: ((err: Error) => void) | null = null;
@@ -94,7 +103,14 @@ export class PeerLink {
   async stop(): Promise<void> {
     this.stopped = true;
     this.wake?.();
+    // A clean stop flushes the peer first, so nothing sent needs a resync at the next start.
+    const c = this.client;
+    if (c !== null && this.replica.unflushedState().ranges > 0) {
+      await Promise.race([this.replica.flushPeer(c), new Promise((r) => setTimeout(r, this.opts.timeoutMs).unref())]).catch(() => undefined);
+    }
     this.teardown(new IoError('link stopped'));
+    // Tell the peer the session is over, so it can be promoted without waiting for it to time out.
+    if (c !== null && this.sessionToken !== null) await this.post('unlink', { token: this.sessionToken }).catch(() => undefined);
     await this.loop;
     this.loop = null;
     this.setState('stopped');
@@ -145,7 +161,10 @@ export class PeerLink {
   private teardown(err: Error): void {
     const c = this.client;
     this.client = null;
-    if (c !== null) void c.close();
+    if (c !== null) {
+      this.replica.linkLost();
+      void c.close();
+    }
     this.lostCurrent?.(err);
   }
 
@@ -212,6 +231,7 @@ export class PeerLink {
     }
     const granted = res.body as LinkResponse;
     this.verdict = granted.verdict;
+    this.sessionToken = granted.token;
     const client = await NbdClient.connect(this.opts.nbd, {
       exportName: granted.exportName,
       connectTimeoutMs: this.opts.timeoutMs,
@@ -248,6 +268,11 @@ export class PeerLink {
             rateLimit: this.opts.resyncRate,
             cancelled: () => this.client !== client,
             track: (p) => this.track(p),
+            onSent: (off, len) => {
+              this.replica.noteUnflushed(off, len, client);
+              // Resync progress counts once durable on the peer: flush it every few MiB.
+              if (this.replica.unflushedState().bytes >= RESYNC_FLUSH_BYTES) this.backgroundFlush(client);
+            },
             onProgress: (p) => {
               this.resync = p;
               const bytes = p.bytesSent + p.bytesZeroed;
@@ -284,6 +309,7 @@ export class PeerLink {
       this.stopWatchdog();
       this.lostCurrent = null;
       if (this.client === client) this.client = null;
+      this.replica.linkLost(); // (empty already when teardown() ended the session)
       await client.close().catch(() => undefined);
       await this.replica.linkDown();
     }
@@ -300,6 +326,10 @@ export class PeerLink {
       if (c !== null && this.pending === 0 && Date.now() - this.lastProgress > every) {
         void this.track(c.pread(0, 512)).catch((err: unknown) => this.lost(err));
       }
+      // Writes the peer holds only in its region become durable there at least every second, which also
+      // bounds what a lost link has to mark out of sync.
+      const u = this.replica.unflushedState();
+      if (c !== null && u.ranges > 0 && (u.ageMs >= PEER_FLUSH_EVERY_MS || u.ranges >= PEER_FLUSH_MAX_RANGES)) this.backgroundFlush(c);
       if (this.pending > 0 && Date.now() - this.lastProgress > this.opts.timeoutMs) {
         this.log.warn({ timeoutMs: this.opts.timeoutMs, pending: this.pending }, 'peer timed out: marking it out of date');
         this.teardown(new IoError(`peer did not answer within ${this.opts.timeoutMs} ms`));
@@ -307,6 +337,16 @@ export class PeerLink {
       }
     }, every);
     this.watchdog.unref();
+  }
+
+  /** FLUSH the peer without waiting for it (one at a time); a failure drops the link. */
+  private backgroundFlush(c: NbdClient): void {
+    if (this.flushing) return;
+    this.flushing = true;
+    void this.replica
+      .flushPeer(c)
+      .catch((err: unknown) => this.lost(err))
+      .finally(() => (this.flushing = false));
   }
 
   private stopWatchdog(): void {

@@ -260,7 +260,10 @@ export class Replica {
         }
         const t0 = performance.now();
         const link = this.link!;
-        const mirrored = link.track(remote(peer)).then(() => link.peerWrites.observe((performance.now() - t0) / 1000));
+        const mirrored = link.track(remote(peer)).then(() => {
+          link.peerWrites.observe((performance.now() - t0) / 1000);
+          this.noteUnflushed(offset, length, peer);
+        });
         const [l, r] = await Promise.allSettled([local(), mirrored]);
         if (r.status === 'rejected') {
           const d = this.diverge();
@@ -284,9 +287,71 @@ export class Replica {
   async flushBoth(): Promise<void> {
     const peer = this.link?.active() ?? null;
     if (peer === null) return this.lower.flush();
-    const [l, r] = await Promise.allSettled([this.lower.flush(), this.link!.track(peer.flush())]);
+    const [l, r] = await Promise.allSettled([this.lower.flush(), this.flushPeer(peer)]);
     if (r.status === 'rejected') this.link!.lost(r.reason);
     if (l.status === 'rejected') throw l.reason;
+  }
+
+  // The peer acknowledges a write once its region holds it; only its FLUSH makes it durable there (with
+  // --durability disk the region is volatile). Like DRBD's transfer log, every range the peer acknowledged
+  // since its last completed FLUSH is remembered, and marked out of sync if the link is lost before that
+  // FLUSH: a peer that lost power lost those writes, and the resync must send them again. Ranges are noted
+  // when acknowledged, because a FLUSH covers only writes completed before it was sent (NBD spec). Flat
+  // [offset, length] pairs; `unflushedBase` counts the pairs dropped so far, so a FLUSH's ticket stays valid
+  // while more are added.
+  private unflushed: number[] = [];
+  private unflushedBase = 0;
+  private unflushedBytes = 0;
+  private unflushedSince = 0;
+
+  /** The peer (over the link connection `via`) acknowledged a range. */
+  noteUnflushed(offset: number, length: number, via: NonNullable<ReturnType<PeerLink['active']>>): void {
+    if (via !== this.link?.active()) {
+      // That session is already gone (its range list was marked): mark this range too.
+      const d = this.diverge();
+      if (d) d.catch((err: unknown) => this.log.error({ err }, 'starting a new generation failed'));
+      this.oos.mark(offset, length);
+      return;
+    }
+    if (this.unflushed.length === 0) this.unflushedSince = Date.now();
+    this.unflushed.push(offset, length);
+    this.unflushedBytes += length;
+  }
+
+  /** What the peer acknowledged but has not flushed: ranges, bytes, and how long (ms) the oldest waited. */
+  unflushedState(now = Date.now()): { ranges: number; bytes: number; ageMs: number } {
+    const ranges = this.unflushed.length / 2;
+    return { ranges, bytes: this.unflushedBytes, ageMs: ranges === 0 ? 0 : now - this.unflushedSince };
+  }
+
+  /** FLUSH the peer; on success everything it acknowledged before the FLUSH was sent is durable there. */
+  async flushPeer(peer: NonNullable<ReturnType<PeerLink['active']>>): Promise<void> {
+    const ticket = this.unflushedBase + this.unflushed.length / 2;
+    await this.link!.track(peer.flush());
+    const n = ticket - this.unflushedBase;
+    if (n > 0) {
+      for (let i = 1; i < 2 * n; i += 2) this.unflushedBytes -= this.unflushed[i]!;
+      this.unflushed.splice(0, 2 * n);
+      this.unflushedBase = ticket;
+      if (this.unflushed.length > 0) this.unflushedSince = Date.now();
+    }
+  }
+
+  /** The link is gone: what the peer may not have made durable is out of sync (called before any reconnect). */
+  linkLost(): void {
+    const u = this.unflushed;
+    if (u.length === 0) return;
+    const d = this.diverge();
+    if (d) d.catch((err: unknown) => this.log.error({ err }, 'starting a new generation failed'));
+    let bytes = 0;
+    for (let i = 0; i < u.length; i += 2) {
+      this.oos.mark(u[i]!, u[i + 1]!);
+      bytes += u[i + 1]!;
+    }
+    this.unflushedBase += u.length / 2;
+    this.unflushed = [];
+    this.unflushedBytes = 0;
+    this.log.info({ ranges: u.length / 2, bytes }, 'link lost before the peer flushed these writes: marked out of sync');
   }
 
   // ---------------------------------------------------------------------------------------------------------
@@ -396,6 +461,8 @@ export class Replica {
     const s = this.currentSession(body.token);
     if (typeof body.current !== 'string') throw new UsageError('synced: missing current generation id');
     const current = body.current;
+    // UpToDate only once the resynced data is durable here, not just in the region.
+    await this.lower.flush();
     await this.meta.update((m) => {
       m.gen = targetSynced(m.gen, current);
       m.disk = 'UpToDate';
@@ -417,6 +484,13 @@ export class Replica {
       });
       this.log.warn('the primary went on without this node: copy marked Outdated');
     }
+  }
+
+  /** The primary stops cleanly and ends its session: this node may be promoted at once. */
+  unlink(body: { token?: unknown }): void {
+    const s = this.currentSession(body.token);
+    this.endSession();
+    this.log.info({ primary: s.nodeId }, 'the primary ended the replication link (clean stop)');
   }
 
   private currentSession(token: unknown): Session {

@@ -41,6 +41,8 @@ export interface ResyncOptions {
   /** Wrap a peer request for the link watchdog. */
   track: <T>(p: Promise<T>) => Promise<T>;
   onProgress?: (p: ResyncProgress) => void;
+  /** A range the peer acknowledged: it holds it only in its region until its next FLUSH. */
+  onSent?: (offset: number, length: number) => void;
 }
 
 /** Run until the bitmap is empty (resolves) or the peer fails / the resync is cancelled (rejects). */
@@ -94,6 +96,7 @@ export async function runResync(o: ResyncOptions): Promise<ResyncProgress> {
           if (pos >= end) break;
         }
       }
+      o.onSent?.(offset, length);
       o.oos.clear(offset, length);
       progress.doneBlocks += count;
     } finally {

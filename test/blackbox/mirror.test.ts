@@ -7,7 +7,7 @@
 
 import t from 'tap';
 import type { Test } from 'tap';
-import { writeFileSync } from 'node:fs';
+import { unlinkSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { NbdClient } from '../../lib/client/nbd-client';
 import { prng } from '../helpers/bytes';
@@ -185,6 +185,30 @@ t.test('secondary killed during a write stream: writes go on; restart resyncs on
   await c.disconnect();
 });
 
+t.test('secondary loses power (killed, its volatile region gone): what it never flushed is resynced', async (t) => {
+  // Nothing is written back on its own (10 min max age, 95% high watermark) and the peer timeout is long, so
+  // no background FLUSH of the peer comes before the kill: the acknowledged writes exist on the secondary
+  // only in its region, which a power loss takes (with --durability disk the region is not persistent).
+  const { a, b } = await makePair(t, { args: ['--peer-timeout', '10s', '--writeback-max-age', '10m', '--writeback-high', '95', '--writeback-low', '90'] });
+  await b.start(['--role', 'secondary']);
+  await a.start(['--role', 'primary']);
+  await waitInSync(a, b);
+  const regionFile: string = (await b.status()).node.regionFile;
+  const c = await connect(a);
+  const w = new Writer(c, SIZE / BLOCK, 55);
+  await w.run(8, 300);
+  t.ok(w.acked.size > 50, `${w.acked.size} blocks written and acknowledged by both nodes, never flushed`);
+  await b.kill();
+  unlinkSync(regionFile);
+  const ra = await waitRep(a, (r) => r.outOfSync.blocks > 0);
+  t.ok(ra.outOfSync.blocks >= w.acked.size, `the primary marked the ${w.acked.size} unflushed blocks out of sync when the link dropped (${ra.outOfSync.blocks})`);
+  await b.start();
+  await waitInSync(a, b);
+  await w.verify(t, c, 'primary');
+  await identical(t, a, b, 'after resyncing what the secondary lost with its region');
+  await c.disconnect();
+});
+
 t.test('primary killed during a write stream: only activity-log extents are resynced, nothing acknowledged lost', async (t) => {
   const { a, b } = await makePair(t, { args: ARGS });
   await b.start(['--role', 'secondary']);
@@ -247,6 +271,22 @@ t.test('failover: secondary promoted after the primary died; the old primary ret
   await w2.verify(t, cb, 'new primary');
   await identical(t, b, a, 'after resyncing the old primary');
   await cb.disconnect();
+});
+
+t.test('a clean stop of the primary ends its session: the secondary can be promoted at once', async (t) => {
+  const { a, b } = await makePair(t, { args: ['--peer-timeout', '10s'] });
+  await b.start(['--role', 'secondary']);
+  await a.start(['--role', 'primary']);
+  await waitInSync(a, b);
+  const c = await connect(a);
+  await new Writer(c, SIZE / BLOCK, 66).run(4, 200);
+  await c.disconnect();
+  t.not((await b.rep()).session, null, 'the secondary has a live session');
+  await a.stop();
+  t.equal((await b.rep()).session, null, 'the stopped primary ended it (no wait for two peer timeouts)');
+  const promoted = await b.post('/v1/exports/disk0/promote');
+  t.equal(promoted.status, 200, `promoted right away: ${JSON.stringify(promoted.body)}`);
+  t.equal((await b.rep()).disk, 'UpToDate');
 });
 
 t.test('split brain: both promoted and written while apart → detected, refused, nothing discarded until the operator says so', async (t) => {
