@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(libnbd-bin nbdfuse nbdkit qemu-utils fio nbd-server nbd-client python3-libnbd fuse3 e2fsprogs util-linux mount openssl prometheus)
+DEBS=(libnbd-bin nbdfuse nbdkit qemu-utils fio nbd-server nbd-client python3-libnbd fuse3 e2fsprogs util-linux mount openssl prometheus systemd)
 
 missing=()
 for p in "${DEBS[@]}"; do
