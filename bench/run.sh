@@ -4,8 +4,13 @@
 # Runs bench/fio/nbd-bench.sh with nbdmirror and its peers side by side on 127.0.0.1:
 #   nbdmirror-disk   node dist/server.js, file-backed export disk0 in a fresh data dir on /dev/shm
 #   nbdmirror-pmem   the same with --durability pmem (only when dist/server.js --help lists --durability)
+#   nbdmirror-mirror a primary that mirrors every write to a secondary node on loopback (bench/mirror/pair.sh),
+#                    both with nbdmirror-disk's flags (only when --help lists --peer)
 #   peers            nbdkit-file (the ratio baseline), qemu-nbd, nbd-server, nbdkit-memory (context)
-# Results: bench-runs/<UTC timestamp>/summary.md (and summary.json, results.tsv, raw/). The built server
+# Then, in the same run directory, bench/mirror/resync.sh times a resync against an nbdcopy of the same data
+# between the same two nodes, and bench/mirror/report.py adds a "Mirroring" section to summary.md (mirrored vs
+# unmirrored write latency and IOPS, resync vs nbdcopy, each with its target and pass/fail).
+# Results: bench-runs/<UTC timestamp>/summary.md (and summary.json, results.tsv, mirror*.json/tsv, raw/). The built server
 # (dist/server.js + dist/lib) is copied to <run dir>/server/ first and the copy is what runs, so a rebuild of
 # dist/ during the run (a shared worktree) cannot change the server under test.
 #
@@ -14,12 +19,18 @@
 #   npm run bench -- --reps 1 --runtime 3           # quick look; any nbd-bench.sh option passes through
 #   BENCH_PEERS='nbdkit-file' npm run bench         # other peer builtins (see bench/fio/nbd-bench.sh --list)
 #   BENCH_PMEM_SIZE=2G npm run bench                # pass --pmem-size to the pmem target
-#   BENCH_DRY_RUN=1 bash bench/run.sh ...           # print the harness command line instead of running it
+#   BENCH_MIRROR=0 npm run bench                    # no nbdmirror-mirror target and no resync measurement
+#   BENCH_RESYNC=0 npm run bench                    # the nbdmirror-mirror target, but no resync measurement
+#   BENCH_RESYNC_BYTES=256M npm run bench           # data resynced (and nbdcopied) per rep (default 512M)
+#   bash bench/mirror/resync.sh --reps 1            # the resync measurement alone (see its --help)
+#   BENCH_DRY_RUN=1 bash bench/run.sh ...           # print the harness (and resync) command lines instead
 #   bash bench/run.sh ...                           # the same without rebuilding dist/
 #
 # Defaults given to the harness (later arguments win): --reps 3 --runtime 5 --ramp 1
 #   --baseline nbdkit-file --max-minutes 60
-# Exit codes: those of nbd-bench.sh; 3 when a required tool is missing; 1 when dist/ is not built.
+# resync.sh gets the harness's --reps and --datadir (defaults 3 and /dev/shm).
+# Exit codes: those of nbd-bench.sh (then resync.sh's: 1 when a rep failed); 3 when a required tool is missing;
+# 1 when dist/ is not built.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,6 +68,10 @@ checks=(
   "timeout|command -v timeout|coreutils|0"
   "numfmt|command -v numfmt|coreutils|0"
   "/usr/bin/time (GNU time)|test -x /usr/bin/time|time|0"
+)
+[[ ${BENCH_MIRROR:-1} == 0 ]] || checks+=(
+  "setpriv (mirror)|command -v setpriv|util-linux|1"
+  "sha256sum (mirror)|command -v sha256sum|coreutils|0"
 )
 for p in "${PEERS[@]}"; do
   case $p in
@@ -119,6 +134,18 @@ else
   say "dist/server.js has no --durability flag yet: running nbdmirror-disk only (no nbdmirror-pmem)"
 fi
 
+# The mirrored pair: bench/mirror/pair.sh starts the secondary and execs the primary on {port}; both get the
+# disk target's flags. The unmirrored figures are nbdmirror-disk's in the same run.
+MIRROR=0
+if [[ ${BENCH_MIRROR:-1} != 0 ]] && has_flag --peer && has_flag --pmem-dir; then
+  MIRROR=1
+  targets+=(--target "nbdmirror-mirror=exec bash bench/mirror/pair.sh --server $SERVER --port {port} --datadir {datadir} --size {size} -- --log-level warn${durdisk:-}"
+    --export nbdmirror-mirror=disk0)
+  say "dist/server.js supports --peer: running nbdmirror-mirror (a mirrored pair) and the resync measurement"
+elif [[ ${BENCH_MIRROR:-1} != 0 ]]; then
+  say "dist/server.js has no --peer: no nbdmirror-mirror target, no resync measurement"
+fi
+
 # Facts for summary.md: which nbdmirror was measured.
 ver=$(node -p "require('./package.json').version" 2>/dev/null || echo '?')
 if rev=$(git rev-parse --short HEAD 2>/dev/null); then
@@ -131,5 +158,37 @@ meta=(--meta "version.nbdmirror=$ver ($rev)" --meta "run.suite=bench/run.sh $*")
 say "peers: ${PEERS[*]}; harness: $HARNESS"
 cmd=(bash "$HARNESS" "${PEERS[@]}" --reps 3 --runtime 5 --ramp 1 --baseline nbdkit-file --max-minutes 60 \
   "${targets[@]}" "${meta[@]}" "${out_args[@]}" "$@")
-if [[ -n ${BENCH_DRY_RUN:-} ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+
+# The resync measurement, after the harness, in the same run directory, with the harness's --reps and --datadir.
+reps=3 datadir=/dev/shm prev=""
+for a in "$@"; do
+  case $prev in --reps) reps=$a ;; --datadir) datadir=$a ;; esac
+  prev=$a
+done
+rcmd=()
+if ((MIRROR)) && [[ ${BENCH_RESYNC:-1} != 0 ]]; then
+  rcmd=(bash bench/mirror/resync.sh --out "$OUT" --server "$SERVER" --reps "$reps" --datadir "$datadir" --)
+  [[ -n ${durdisk:-} ]] && rcmd+=(--durability disk)
+fi
+
+if [[ -n ${BENCH_DRY_RUN:-} ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+  ((${#rcmd[@]})) && { printf '%q ' "${rcmd[@]}"; echo; }
+  exit 0
+fi
+rc=0
+"${cmd[@]}" || rc=$?
+# Interrupted (Ctrl-C, SIGTERM): stop here.
+((rc == 130 || rc == 143)) && exit "$rc"
+if ((${#rcmd[@]})); then
+  say "resync vs nbdcopy: ${rcmd[*]}"
+  rrc=0
+  "${rcmd[@]}" || rrc=$?
+  ((rrc == 130 || rrc == 143)) && exit "$rrc"
+  ((rc != 0)) || rc=$rrc
+fi
+if ((MIRROR)); then
+  python3 bench/mirror/report.py "$OUT" >/dev/null || say "bench/mirror/report.py failed"
+  say "mirroring: see the Mirroring section of $OUT/summary.md"
+fi
+exit "$rc"
