@@ -44,6 +44,7 @@ const PEER_FLUSH_EVERY_MS = 1000;
 const PEER_FLUSH_MAX_RANGES = 65536;
 /** During a resync the peer is flushed after this many bytes, so a cut resync resumes near where it was. */
 const RESYNC_FLUSH_BYTES = 2 * 1024 * 1024;
+const RESYNC_UNFLUSHED_MAX = 8 * 1024 * 1024;
 const BACKOFF_MIN_MS = 100;
 const BACKOFF_MAX_MS = 5000;
 const REFUSED_RETRY_MS = 5000;
@@ -70,8 +71,9 @@ export class PeerLink {
   private reachedConnected = false;
   /** Watchdog: requests in flight on the peer and when one last completed (or the first started). */
   private pending = 0;
-  /** A background FLUSH of the peer is under way. */
-  private flushing = false;
+  /** The background FLUSH of the peer under way. */
+  private flushing: Promise<void> | null = null;
+  private flushAgain = false;
   /** The token of the session the peer granted last (ended by stop()). */
   private sessionToken: string | null = null;
   private lastProgress = 0;
@@ -271,8 +273,10 @@ export class PeerLink {
             onSent: (off, len) => {
               this.replica.noteUnflushed(off, len, client);
               // Resync progress counts once durable on the peer: flush it every few MiB.
-              if (this.replica.unflushedState().bytes >= RESYNC_FLUSH_BYTES) this.backgroundFlush(client);
+              if (this.replica.unflushedState().bytes >= RESYNC_FLUSH_BYTES) void this.backgroundFlush(client);
             },
+            // At most RESYNC_UNFLUSHED_MAX may wait for a FLUSH: a cut resync sends at most that again.
+            throttle: () => (this.replica.unflushedState().bytes >= RESYNC_UNFLUSHED_MAX ? this.backgroundFlush(client) : null),
             onProgress: (p) => {
               this.resync = p;
               const bytes = p.bytesSent + p.bytesZeroed;
@@ -329,7 +333,7 @@ export class PeerLink {
       // Writes the peer holds only in its region become durable there at least every second, which also
       // bounds what a lost link has to mark out of sync.
       const u = this.replica.unflushedState();
-      if (c !== null && u.ranges > 0 && (u.ageMs >= PEER_FLUSH_EVERY_MS || u.ranges >= PEER_FLUSH_MAX_RANGES)) this.backgroundFlush(c);
+      if (c !== null && u.ranges > 0 && (u.ageMs >= PEER_FLUSH_EVERY_MS || u.ranges >= PEER_FLUSH_MAX_RANGES)) void this.backgroundFlush(c);
       if (this.pending > 0 && Date.now() - this.lastProgress > this.opts.timeoutMs) {
         this.log.warn({ timeoutMs: this.opts.timeoutMs, pending: this.pending }, 'peer timed out: marking it out of date');
         this.teardown(new IoError(`peer did not answer within ${this.opts.timeoutMs} ms`));
@@ -340,13 +344,24 @@ export class PeerLink {
   }
 
   /** FLUSH the peer without waiting for it (one at a time); a failure drops the link. */
-  private backgroundFlush(c: NbdClient): void {
-    if (this.flushing) return;
-    this.flushing = true;
-    void this.replica
+  private backgroundFlush(c: NbdClient): Promise<void> {
+    if (this.flushing !== null) {
+      // One at a time; asked again meanwhile: another right after, for what this one will not cover.
+      this.flushAgain = true;
+      return this.flushing;
+    }
+    const p = this.replica
       .flushPeer(c)
       .catch((err: unknown) => this.lost(err))
-      .finally(() => (this.flushing = false));
+      .finally(() => {
+        this.flushing = null;
+        if (this.flushAgain && this.client === c) {
+          this.flushAgain = false;
+          void this.backgroundFlush(c);
+        }
+      });
+    this.flushing = p;
+    return p;
   }
 
   private stopWatchdog(): void {

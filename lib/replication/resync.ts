@@ -43,6 +43,8 @@ export interface ResyncOptions {
   onProgress?: (p: ResyncProgress) => void;
   /** A range the peer acknowledged: it holds it only in its region until its next FLUSH. */
   onSent?: (offset: number, length: number) => void;
+  /** Before each chunk: a promise to wait for (too much sent that the peer has not flushed yet), or null. */
+  throttle?: () => Promise<void> | null;
 }
 
 /** Run until the bitmap is empty (resolves) or the peer fails / the resync is cancelled (rejects). */
@@ -111,6 +113,11 @@ export async function runResync(o: ResyncOptions): Promise<ResyncProgress> {
       break;
     }
     while (inFlight.size < PARALLEL) {
+      const room = o.throttle?.() ?? null;
+      if (room !== null) {
+        await room.catch(() => undefined); // a failed FLUSH drops the link: cancelled() says so next round
+        break;
+      }
       const c = nextChunk();
       if (c === null) break;
       if (o.rateLimit > 0) {
