@@ -1,6 +1,7 @@
 // HTTP endpoints of replication, per export under /v1/exports/NAME/:
 //   peer-facing:     POST link (handshake → session token), synced (resync finished), outdate (primary went on
-//                    without us), unlink (the primary stops cleanly: its session ends);
+//                    without us), unlink (the primary stops cleanly: its session ends), peer-up (a secondary
+//                    started: reconnect now);
 //   operator-facing: POST promote [{"force":true}], demote, discard-my-data.
 // Errors: a ConflictError is 409 with its reason, bad input 400; the body is always JSON.
 
@@ -56,6 +57,10 @@ const HANDLERS: Record<string, Handler> = {
   },
   outdate: async (r, body) => {
     await r.outdate(body);
+    return { ok: true };
+  },
+  'peer-up': async (r) => {
+    r.peerUp();
     return { ok: true };
   },
   unlink: async (r, body) => {

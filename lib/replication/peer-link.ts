@@ -188,6 +188,11 @@ export class PeerLink {
     });
   }
 
+  /** On a secondary: tell the peer this node is up (best effort, once), so its link reconnects at once. */
+  announce(): void {
+    void this.post('peer-up', {}).catch((err: unknown) => this.log.debug({ err: (err as Error).message }, 'peer not reachable to announce this node'));
+  }
+
   /** Reconnect now (after a promotion or an operator's resync request) instead of at the next backoff. */
   kick(): void {
     if (this.wake !== null) this.wake();

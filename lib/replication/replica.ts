@@ -172,9 +172,18 @@ export class Replica {
     return this.o.log;
   }
 
-  /** Start the link loop when this node is primary and has a peer. */
+  /**
+   * Start the link loop when this node is primary and has a peer. A secondary tells its primary it is up,
+   * so the primary reconnects now instead of at the end of its backoff.
+   */
   start(): void {
     if (this.role === 'primary') this.link?.start();
+    else this.link?.announce();
+  }
+
+  /** The peer (a secondary that just started) is up: reconnect now if the link is waiting. */
+  peerUp(): void {
+    if (this.role === 'primary' && !this.closed) this.link?.kick();
   }
 
   async close(): Promise<void> {

@@ -153,7 +153,10 @@ t.test('secondary killed during a write stream: writes go on; restart resyncs on
   const w = new Writer(c, SIZE / BLOCK, 9);
   const writing = w.run(8, 1_000_000);
   await new Promise((r) => setTimeout(r, 300));
+  // From here on, blocks count as changed. The FLUSH makes everything before it durable on the secondary:
+  // what the secondary acknowledged but had not flushed when it died is resynced too (it may have lost it).
   w.markFrom();
+  await c.flush();
   await new Promise((r) => setTimeout(r, 20));
   await b.kill();
   w.stop();
@@ -171,7 +174,14 @@ t.test('secondary killed during a write stream: writes go on; restart resyncs on
   w2.stop();
   await writing2;
   const changed = new Set([...w.since, ...w2.since]).size;
+  const connects = (await a.rep()).link.connects;
+  const restarted = Date.now();
   await b.start();
+  // The restarted secondary announces itself: the primary reconnects at once, not at the end of its backoff
+  // (which has grown to seconds while the secondary was down).
+  await waitRep(a, (r) => r.link.connects > connects, 10_000);
+  const reconnectMs = Date.now() - restarted;
+  t.ok(reconnectMs < 2500, `the primary reconnected ${reconnectMs} ms after the secondary was restarted`);
   await waitInSync(a, b);
   const ra = await a.rep();
   t.equal(ra.link.verdict, 'bitmap', 'the nodes chose a bitmap resync');
