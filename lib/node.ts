@@ -95,9 +95,6 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
   // HTTP comes up first, so /healthz answers during a long recovery while /readyz says 503 until serving.
   let ready = false;
   http.addRoute('GET /readyz', (_req, res) => sendJson(res, ready ? 200 : 503, { status: ready ? 'ready' : 'starting' }));
-  const notYet: Parameters<HttpControl['addRoute']>[1] = (_req, res) => sendJson(res, 503, { error: 'starting: exports not open yet' });
-  http.addRoute('GET /v1/status', notYet);
-  http.addRoute('GET /metrics', notYet);
   try {
     const httpAddress = await http.listen(config.http);
     const uuid = await loadNodeUuid(config.dataDir);
@@ -235,6 +232,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     );
     for (const r of replicas) r.start();
     ready = true;
+    http.starting = false;
     const server = nbd;
     const wb = writeback;
     const threadIo = io;
@@ -290,7 +288,14 @@ async function recover(report: RecoveryReport, backings: Map<string, BackingFile
   }
   let bytes = 0;
   const touched = new Set<BackingFile>();
-  for (const p of report.pages) {
+  if (report.pages.length > 0) log.warn({ pages: report.pages.length, torn: report.torn }, 'recovering the pmem region after an unclean stop: writing its pages back');
+  let lastLog = Date.now();
+  for (let i = 0; i < report.pages.length; i++) {
+    const p = report.pages[i]!;
+    if (Date.now() - lastLog >= 5000) {
+      lastLog = Date.now();
+      log.info({ done: i, pages: report.pages.length, bytes }, 'recovery progress');
+    }
     const b = backings.get(p.exportName)!;
     const off = p.block * PAGE_SIZE;
     if (off >= b.size) continue;

@@ -488,17 +488,25 @@ export class NbdClient {
   private send(p: Pending): void {
     const header = encodeRequest({ flags: p.flags, type: p.type, cookie: p.cookie, offset: p.offset, length: p.length });
     this.inFlight.set(p.cookie, p);
-    if (p.payload !== undefined) {
-      // One writev for header + payload; the payload is never copied into a combined buffer.
+    // Every request of this tick leaves in one writev: the socket stays corked until the next tick. The
+    // payload is never copied into a combined buffer.
+    if (!this.corked) {
+      this.corked = true;
       this.socket.cork();
-      this.socket.write(header);
+      process.nextTick(this.uncork);
+    }
+    this.socket.write(header);
+    if (p.payload !== undefined) {
       this.socket.write(p.payload);
-      this.socket.uncork();
       p.payload = undefined;
-    } else {
-      this.socket.write(header);
     }
   }
+
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   /** Fill freed in-flight slots from the queue, in submission order. */
   private pump(): void {

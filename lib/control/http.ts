@@ -26,6 +26,9 @@ export class HttpControl {
     this.server.keepAliveTimeout = 5000;
   }
 
+  /** While true, a request for a path without a route gets 503 (the node is starting), not 404. */
+  starting = true;
+
   /** Register a handler for "METHOD /path". */
   addRoute(key: string, route: Route): void {
     this.routes.set(key, route);
@@ -35,6 +38,10 @@ export class HttpControl {
     const url = new URL(req.url ?? '/', 'http://localhost');
     const method = req.method === 'HEAD' ? 'GET' : req.method;
     const route = this.routes.get(`${method} ${url.pathname}`);
+    if (route === undefined && this.starting) {
+      // The routes of the exports are added once they are open: until then, "try again" rather than 404.
+      return sendJson(res, 503, { error: 'starting: exports not open yet' });
+    }
     if (route === undefined) {
       const known = [...this.routes.keys()].some((k) => k.endsWith(` ${url.pathname}`));
       return sendJson(res, known ? 405 : 404, { error: known ? 'method not allowed' : 'not found' });
