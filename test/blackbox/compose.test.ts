@@ -19,9 +19,8 @@
 
 import t from 'tap';
 import type { Test } from 'tap';
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import * as path from 'node:path';
 import { collectDefaultMetrics, Registry } from 'prom-client';
 import { parse as parseYaml, stringify as toYaml } from 'yaml';
@@ -33,6 +32,7 @@ import { describe, run } from '../helpers/run';
 import { freshDir, startServer, type ServerProcess } from '../helpers/spawn-server';
 import { getStatus } from '../helpers/status';
 import { freePorts } from '../helpers/two-nodes';
+import { startPrometheus } from '../helpers/prometheus';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const MiB = 1024 * 1024;
@@ -550,41 +550,26 @@ const ALWAYS_DATA = ['Throughput', 'Requests per second', 'Region', 'Region dirt
  * both, every dashboard query is valid PromQL to it, and the panels in ALWAYS_DATA have data.
  */
 async function prometheusAndDashboard(t: Test, nodes: Record<NodeName, Local>): Promise<void> {
-  const dir = freshDir(t, 'prometheus');
-  const [promPort] = await freePorts(1);
-  const config = parseYaml(readFileSync(path.join(ROOT, 'deploy/prometheus/prometheus.yml'), 'utf8')) as Dict;
-  config.global = { ...config.global, scrape_interval: '1s', evaluation_interval: '1s' };
-  for (const job of config.scrape_configs as Dict[]) {
-    for (const sc of job.static_configs ?? []) {
-      sc.targets = (sc.targets as string[]).map((target) => {
-        const [host, port] = target.split(':');
-        if (host === 'localhost') return `127.0.0.1:${promPort}`;
-        const node = nodes[host as NodeName];
-        if (node === undefined || Number(port) !== parseAddress(nodeEnv(node.name).NBDMIRROR_HTTP!, 'http').port) throw new Error(`unexpected target ${target}`);
-        return `127.0.0.1:${node.http}`;
-      });
+  const base = parseYaml(readFileSync(path.join(ROOT, 'deploy/prometheus/prometheus.yml'), 'utf8')) as Dict;
+  const prom = await startPrometheus(t, (promPort) => {
+    const config: Dict = { ...base, global: { ...base.global, scrape_interval: '1s', evaluation_interval: '1s' } };
+    for (const job of config.scrape_configs as Dict[]) {
+      for (const sc of job.static_configs ?? []) {
+        sc.targets = (sc.targets as string[]).map((target) => {
+          const [host, port] = target.split(':');
+          if (host === 'localhost') return `127.0.0.1:${promPort}`;
+          const node = nodes[host as NodeName];
+          if (node === undefined || Number(port) !== parseAddress(nodeEnv(node.name).NBDMIRROR_HTTP!, 'http').port) throw new Error(`unexpected target ${target}`);
+          return `127.0.0.1:${node.http}`;
+        });
+      }
     }
-  }
-  writeFileSync(path.join(dir, 'prometheus.yml'), toYaml(config));
-  const prom = spawn(
-    'prometheus',
-    [`--config.file=${path.join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${path.join(dir, 'tsdb')}`, `--web.listen-address=127.0.0.1:${promPort}`],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
-  let promLog = '';
-  prom.stderr!.on('data', (d: Buffer) => (promLog = (promLog + d.toString()).slice(-4000)));
-  const exited = new Promise((r) => prom.once('exit', r));
-  t.teardown(async () => {
-    if (prom.exitCode === null && prom.pid !== undefined) process.kill(prom.pid, 'SIGKILL');
-    await Promise.race([exited, new Promise((r) => setTimeout(r, 5000).unref())]);
+    return toYaml(config);
   });
-  const query = async (q: string): Promise<{ status: string; error?: string; data?: { result: unknown[] } }> => {
-    const res = await fetch(`http://127.0.0.1:${promPort}/api/v1/query?query=${encodeURIComponent(q)}`, { signal: AbortSignal.timeout(5000) });
-    return (await res.json()) as { status: string; error?: string; data?: { result: unknown[] } };
-  };
+  const query = (q: string) => prom.query(q);
   const results = async (q: string): Promise<number> => (await query(q)).data?.result.length ?? 0;
   await waitFor('Prometheus scrapes both nodes', async () => (await results('up{job="nbdmirror"} == 1')) === 2, 60_000).catch((err: Error) => {
-    throw new Error(`${err.message}\n${promLog}`);
+    throw new Error(`${err.message}\n${prom.log()}`);
   });
   // Two scrapes at least, so that rate() has something.
   await new Promise((r) => setTimeout(r, 2500));

@@ -5,7 +5,7 @@
 // Prometheus server on loopback scrapes both nodes and answers PromQL over the traffic.
 
 import t from 'tap';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import * as path from 'node:path';
@@ -13,7 +13,8 @@ import { NbdClient } from '../../lib/client/nbd-client';
 import { requireTool } from '../helpers/requires';
 import { describe, run } from '../helpers/run';
 import { freshDir, startServer } from '../helpers/spawn-server';
-import { freePorts, makePair, type Node, waitInSync, waitRep } from '../helpers/two-nodes';
+import { makePair, type Node, waitInSync, waitRep } from '../helpers/two-nodes';
+import { startPrometheus } from '../helpers/prometheus';
 
 const MiB = 1024 * 1024;
 
@@ -126,10 +127,7 @@ if (requireTool(t, 'prometheus')) {
     await a.start(['--role', 'primary']);
     await waitInSync(a, b);
 
-    const dir = freshDir(t, 'prometheus');
-    const [promPort] = await freePorts(1);
-    writeFileSync(
-      path.join(dir, 'prometheus.yml'),
+    const prom = await startPrometheus(t, () =>
       [
         'global:',
         '  scrape_interval: 1s',
@@ -143,23 +141,8 @@ if (requireTool(t, 'prometheus')) {
         '',
       ].join('\n'),
     );
-    const prom = spawn(
-      'prometheus',
-      [`--config.file=${path.join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${path.join(dir, 'tsdb')}`, `--web.listen-address=127.0.0.1:${promPort}`],
-      { stdio: ['ignore', 'ignore', 'pipe'] },
-    );
-    let promLog = '';
-    prom.stderr!.on('data', (d: Buffer) => (promLog = (promLog + d.toString()).slice(-4000)));
-    const exited = new Promise((r) => prom.once('exit', r));
-    t.teardown(async () => {
-      if (prom.exitCode === null && prom.pid !== undefined) process.kill(prom.pid, 'SIGKILL');
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 5000).unref())]);
-    });
-
     const query = async (q: string): Promise<number | null> => {
-      const res = await fetch(`http://127.0.0.1:${promPort}/api/v1/query?query=${encodeURIComponent(q)}`, { signal: AbortSignal.timeout(5000) });
-      const j = (await res.json()) as { data?: { result?: Array<{ value: [number, string] }> } };
-      const v = j.data?.result?.[0]?.value[1];
+      const v = (await prom.query(q)).data?.result?.[0]?.value[1];
       return v === undefined ? null : Number(v);
     };
     /** Poll q until pred holds (at most 40 s); the last value either way. */
@@ -174,7 +157,7 @@ if (requireTool(t, 'prometheus')) {
       return v;
     };
 
-    t.equal(await until('count(up{job="nbdmirror"} == 1)', (v) => v === 2), 2, 'both nodes are up targets', { log: promLog });
+    t.equal(await until('count(up{job="nbdmirror"} == 1)', (v) => v === 2), 2, 'both nodes are up targets', { log: prom.log() });
     await writeBlocks(a, 300, 3);
     const writes = await until('sum(nbdmirror_requests_total{command="write",source="client"})', (v) => v >= 300);
     t.ok(writes !== null && writes >= 300, `client writes seen by Prometheus: ${writes}`);
