@@ -25,7 +25,7 @@ import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 import { crc32 } from '@node-rs/crc32';
 import { CorruptStateError, IoError, ShutdownError } from '../errors';
-import { ioError, readFully, syncDir, writeFully } from '../storage/file-io';
+import { ioError, readCheckedHeader, readFully, syncDir, writeFully } from '../storage/file-io';
 
 export const AL_EXTENT_SIZE = 4 * 1024 * 1024;
 export const AL_DEFAULT_SLOTS = 1024;
@@ -638,19 +638,7 @@ async function load(
 ): Promise<{ seq: number; extents: number[]; slots: number }> {
   const corrupt = (what: string): CorruptStateError =>
     new CorruptStateError(`${file}: ${what}; move the file away (and resync the whole export) to start over`);
-  let st;
-  try {
-    st = await fh.stat();
-  } catch (err) {
-    throw ioError(file, err);
-  }
-  if (st.size < HEADER_SIZE) throw corrupt(`short file (${st.size} bytes, the header alone is ${HEADER_SIZE})`);
-  const header = Buffer.alloc(HEADER_SIZE);
-  await readFully(fh, file, header, 0);
-  if (!header.subarray(0, 8).equals(AL_MAGIC)) throw corrupt('not an activity log (bad magic)');
-  const version = header.readUInt32BE(8);
-  if (version !== AL_VERSION) throw corrupt(`format version ${version}, this build reads ${AL_VERSION}`);
-  if (header.readUInt32BE(32) !== crc32(header.subarray(0, 32))) throw corrupt('header checksum mismatch');
+  const { header, fileLength: actualLength } = await readCheckedHeader(fh, file, { size: HEADER_SIZE, magic: AL_MAGIC, version: AL_VERSION, crcAt: 32, kind: 'an activity log' }, corrupt);
   const extentSize = header.readUInt32BE(12);
   if (extentSize !== AL_EXTENT_SIZE) throw corrupt(`extent size ${extentSize}, expected ${AL_EXTENT_SIZE}`);
   const fileSize = Number(header.readBigUInt64BE(24));
@@ -658,7 +646,7 @@ async function load(
   const slots = header.readUInt32BE(16);
   if (slots < 1 || slots > AL_MAX_SLOTS) throw corrupt(`bad slot count ${slots}`);
   const r = recordSize(slots);
-  if (st.size !== HEADER_SIZE + 2 * r) throw corrupt(`${st.size} bytes, expected ${HEADER_SIZE + 2 * r}`);
+  if (actualLength !== HEADER_SIZE + 2 * r) throw corrupt(`${actualLength} bytes, expected ${HEADER_SIZE + 2 * r}`);
   const copies = Buffer.alloc(2 * r);
   await readFully(fh, file, copies, HEADER_SIZE);
   const a = decodeRecord(copies.subarray(0, r), 0, slots, extents);

@@ -21,7 +21,7 @@ import * as path from 'node:path';
 import { crc32 } from '@node-rs/crc32';
 import { BlockBitmap } from '../storage/block-bitmap';
 import { CorruptStateError, IoError, ShutdownError } from '../errors';
-import { ioError, readFully, syncDir, writeFully } from '../storage/file-io';
+import { ioError, readCheckedHeader, readFully, syncDir, writeFully } from '../storage/file-io';
 
 export const OOS_BLOCK_SIZE = 4096;
 
@@ -280,25 +280,13 @@ function encodeHeader(size: number): Buffer {
 async function load(fh: fsp.FileHandle, file: string, size: number, bits: BlockBitmap, fileLength: number): Promise<void> {
   const corrupt = (what: string): CorruptStateError =>
     new CorruptStateError(`${file}: ${what}; move the file away to start with every block out of sync`);
-  let st;
-  try {
-    st = await fh.stat();
-  } catch (err) {
-    throw ioError(file, err);
-  }
-  if (st.size < HEADER_SIZE) throw corrupt(`short file (${st.size} bytes, the header alone is ${HEADER_SIZE})`);
-  const header = Buffer.alloc(HEADER_SIZE);
-  await readFully(fh, file, header, 0);
-  if (!header.subarray(0, 8).equals(OOS_MAGIC)) throw corrupt('not an out-of-sync map (bad magic)');
-  const version = header.readUInt32BE(8);
-  if (version !== OOS_VERSION) throw corrupt(`format version ${version}, this build reads ${OOS_VERSION}`);
-  if (header.readUInt32BE(28) !== crc32(header.subarray(0, 28))) throw corrupt('header checksum mismatch');
+  const { header, fileLength: actualLength } = await readCheckedHeader(fh, file, { size: HEADER_SIZE, magic: OOS_MAGIC, version: OOS_VERSION, crcAt: 28, kind: 'an out-of-sync map' }, corrupt);
   const blockSize = header.readUInt32BE(12);
   if (blockSize !== OOS_BLOCK_SIZE) throw corrupt(`block size ${blockSize}, expected ${OOS_BLOCK_SIZE}`);
   const fileSize = Number(header.readBigUInt64BE(16));
   if (fileSize !== size) throw corrupt(`made for an export of ${fileSize} bytes, the export has ${size}`);
   if (header.readUInt32BE(24) !== HEADER_SIZE) throw corrupt('bad bits offset');
-  if (st.size !== fileLength) throw corrupt(`${st.size} bytes, expected ${fileLength}`);
+  if (actualLength !== fileLength) throw corrupt(`${actualLength} bytes, expected ${fileLength}`);
   await readFully(fh, file, Buffer.from(bits.words.buffer, bits.words.byteOffset, bits.words.byteLength), HEADER_SIZE);
   const tail = bits.size & 31;
   if (tail !== 0 && bits.words[bits.words.length - 1]! >>> tail !== 0) throw corrupt('bits set past the last block');

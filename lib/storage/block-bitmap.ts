@@ -90,28 +90,20 @@ export class BlockBitmap {
 
   /** Set bits [from, to); returns how many were clear. A word at a time. */
   setRange(from: number, to: number): number {
-    this.checkRange(from, to);
-    if (from === to) return 0;
-    const firstW = from >>> 5;
-    const lastW = (to - 1) >>> 5;
-    let changed = 0;
-    for (let w = firstW; w <= lastW; w++) {
-      let mask = -1;
-      if (w === firstW) mask &= -1 << (from & 31);
-      if (w === lastW) mask &= -1 >>> (31 - ((to - 1) & 31));
-      const old = this.words[w]!;
-      const next = (old | mask) >>> 0;
-      if (next === old) continue;
-      changed += popcount(next ^ old);
-      this.words[w] = next;
-      if (old === 0) this.summary[w >>> 5]! |= 1 << (w & 31);
-    }
+    const changed = this.updateRange(from, to, true);
     this.n += changed;
     return changed;
   }
 
   /** Clear bits [from, to); returns how many were set. A word at a time. */
   clearRange(from: number, to: number): number {
+    const changed = this.updateRange(from, to, false);
+    this.n -= changed;
+    return changed;
+  }
+
+  /** Set or clear bits [from, to), keeping the summary level right; returns how many bits changed. */
+  private updateRange(from: number, to: number, set: boolean): number {
     this.checkRange(from, to);
     if (from === to) return 0;
     const firstW = from >>> 5;
@@ -122,13 +114,13 @@ export class BlockBitmap {
       if (w === firstW) mask &= -1 << (from & 31);
       if (w === lastW) mask &= -1 >>> (31 - ((to - 1) & 31));
       const old = this.words[w]!;
-      const next = (old & ~mask) >>> 0;
+      const next = (set ? old | mask : old & ~mask) >>> 0;
       if (next === old) continue;
       changed += popcount(next ^ old);
       this.words[w] = next;
-      if (next === 0) this.summary[w >>> 5]! &= ~(1 << (w & 31));
+      if (set && old === 0) this.summary[w >>> 5]! |= 1 << (w & 31);
+      else if (!set && next === 0) this.summary[w >>> 5]! &= ~(1 << (w & 31));
     }
-    this.n -= changed;
     return changed;
   }
 
