@@ -9,9 +9,9 @@ import { existsSync } from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import t from 'tap';
-import type { Test } from 'tap';
 import { NbdClient } from '../../lib/client/nbd-client';
-import { describe, run, type RunResult } from '../helpers/run';
+import { exitCode, oneLine } from '../helpers/cli-output';
+import { run, type RunResult } from '../helpers/run';
 import { SERVER_JS, startServer, type ServerProcess } from '../helpers/spawn-server';
 import { hashExport, makePair } from '../helpers/two-nodes';
 
@@ -26,18 +26,6 @@ function cli(args: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs
 
 function http(srv: ServerProcess): string {
   return `http://127.0.0.1:${srv.httpPort}`;
-}
-
-function exitCode(tt: Test, r: RunResult, code: number, what: string): void {
-  tt.equal(r.code, code, `${what}: exit ${code}`, r.code === code ? {} : { run: describe(r) });
-}
-
-/** Failures print exactly one non-empty line on stderr, nothing on stdout. */
-function oneLine(tt: Test, r: RunResult, re: RegExp): void {
-  const lines = r.stderr.split('\n').filter((l) => l !== '');
-  tt.equal(lines.length, 1, 'one line on stderr', { stderr: r.stderr });
-  tt.match(lines[0], re);
-  tt.equal(r.stdout, '', 'nothing on stdout');
 }
 
 /** A loopback port nobody listens on (bound, then released). */

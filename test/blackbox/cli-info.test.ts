@@ -5,9 +5,9 @@
 import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import t from 'tap';
-import type { Test } from 'tap';
 import { requireTool } from '../helpers/requires';
-import { describe, run, type RunResult } from '../helpers/run';
+import { exitCode, oneLine } from '../helpers/cli-output';
+import { run, type RunResult } from '../helpers/run';
 import { freePort, startNbdkit } from '../helpers/nbdkit';
 
 const CLIENT_JS = path.resolve(__dirname, '..', '..', 'dist', 'client.js');
@@ -15,18 +15,6 @@ const MiB = 1024 * 1024;
 
 function cli(...args: string[]): Promise<RunResult> {
   return run(process.execPath, [CLIENT_JS, ...args], { timeoutMs: 20_000 });
-}
-
-function exitCode(tt: Test, r: RunResult, code: number, what: string): void {
-  tt.equal(r.code, code, `${what}: exit ${code}`, r.code === code ? {} : { run: describe(r) });
-}
-
-/** Failures print exactly one non-empty line on stderr, nothing on stdout. */
-function oneLine(tt: Test, r: RunResult, re: RegExp): void {
-  const lines = r.stderr.split('\n').filter((l) => l !== '');
-  tt.equal(lines.length, 1, 'one line on stderr', { stderr: r.stderr });
-  tt.match(lines[0], re);
-  tt.equal(r.stdout, '', 'nothing on stdout');
 }
 
 if (!existsSync(CLIENT_JS)) {

@@ -299,24 +299,33 @@ t.test('a clean stop of the primary ends its session: the secondary can be promo
   t.equal((await b.rep()).disk, 'UpToDate');
 });
 
-t.test('split brain: both promoted and written while apart → detected, refused, nothing discarded until the operator says so', async (t) => {
+/**
+ * A linked pair, then apart: a (primary) writes while b is down; a dies, b is promoted (a higher epoch) and
+ * writes; a comes back, as primary (its stored role). Both wrote since they last agreed: a split brain.
+ */
+async function writtenApart(t: Test, seeds: [number, number], writes: number) {
   const { a, b } = await makePair(t, { args: ARGS });
   await b.start(['--role', 'secondary']);
   await a.start(['--role', 'primary']);
   await waitInSync(a, b);
   await b.kill();
   const ca = await connect(a);
-  const wa = new Writer(ca, SIZE / BLOCK, 55);
-  await wa.run(4, 200);
+  const wa = new Writer(ca, SIZE / BLOCK, seeds[0]);
+  await wa.run(4, writes);
   await a.kill();
   await ca.close();
   await b.start();
   const p = await b.post('/v1/exports/disk0/promote');
   t.equal(p.status, 200, 'promote b while a is down');
   const cb = await connect(b);
-  const wb = new Writer(cb, SIZE / BLOCK, 66);
-  await wb.run(4, 200);
-  await a.start(); // comes back as primary (its stored role)
+  const wb = new Writer(cb, SIZE / BLOCK, seeds[1]);
+  await wb.run(4, writes);
+  await a.start();
+  return { a, b, wa, wb, cb };
+}
+
+t.test('split brain: both promoted and written while apart → detected, refused, nothing discarded until the operator says so', async (t) => {
+  const { a, b, wa, wb, cb } = await writtenApart(t, [55, 66], 200);
   const sa = await waitRep(a, (r) => r.splitBrain !== null);
   const sb = await waitRep(b, (r) => r.splitBrain !== null);
   t.ok(sa.splitBrain && sb.splitBrain, 'both nodes report the split brain');
@@ -337,22 +346,8 @@ t.test('split brain: both promoted and written while apart → detected, refused
 });
 
 t.test('split brain resolved the other way: the node with the lower epoch keeps its data', async (t) => {
-  const { a, b } = await makePair(t, { args: ARGS });
-  await b.start(['--role', 'secondary']);
-  await a.start(['--role', 'primary']);
-  await waitInSync(a, b);
-  await b.kill();
-  const ca = await connect(a);
-  const wa = new Writer(ca, SIZE / BLOCK, 77);
-  await wa.run(4, 300);
-  await a.kill();
-  await ca.close();
-  await b.start();
-  t.equal((await b.post('/v1/exports/disk0/promote')).status, 200, 'b promoted (a higher epoch than a has)');
-  const cb = await connect(b);
-  await new Writer(cb, SIZE / BLOCK, 88).run(4, 300);
+  const { a, b, wa, cb } = await writtenApart(t, [77, 88], 300);
   await cb.close();
-  await a.start();
   await waitRep(b, (r) => r.splitBrain !== null);
   // Keep a's data this time: b's changes are discarded although b saw the newer epoch.
   const d = await b.post('/v1/exports/disk0/discard-my-data');
