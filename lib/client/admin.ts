@@ -7,6 +7,8 @@
 //     server's status shape may grow, and a field missing here must not crash the CLI.
 
 import { ConflictError, IoError, UsageError } from '../errors';
+import type { LinkState } from '../replication/peer-link';
+import type { ResyncProgress } from '../replication/resync';
 import { humanSize } from './info';
 
 export const DEFAULT_HTTP = 'http://127.0.0.1:9810';
@@ -24,19 +26,10 @@ export interface GenIds {
   history: string[];
 }
 
-export interface ResyncView {
-  totalBlocks: number;
-  doneBlocks: number;
-  bytesSent: number;
-  bytesZeroed: number;
-  startedAt: number;
-  /** Bytes per second over the last few seconds. */
-  rate: number;
-  remainingBlocks?: number;
-  etaSeconds?: number | null;
-}
+/** A resync under way, as /v1/status shows it (older servers may leave out the estimate). */
+export type ResyncView = ResyncProgress & { remainingBlocks?: number; etaSeconds?: number | null };
 
-export type LinkState = 'idle' | 'connecting' | 'syncing' | 'connected' | 'refused' | 'stopped';
+export type { LinkState };
 
 export interface LinkView {
   state: LinkState | string;
