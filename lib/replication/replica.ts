@@ -619,6 +619,10 @@ class ReplicaDevice implements BlockDevice {
     return this.r.lower.pread(buf, offset);
   }
 
+  preadNow(buf: Buffer, offset: number): boolean {
+    return this.r.lower.preadNow?.(buf, offset) ?? false;
+  }
+
   pwriteFast(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void> | null {
     const r = this.r;
     if (r.solo && r.role === 'primary' && r.soloMark() === null && r.lower.pwriteFast !== undefined) return r.lower.pwriteFast(buf, offset, flags);
@@ -654,6 +658,10 @@ class ReplicaDevice implements BlockDevice {
 
   extents(offset: number, length: number): Promise<Extent[]> {
     return this.r.lower.extents(offset, length);
+  }
+
+  extentsNow(offset: number, length: number): Extent[] | null {
+    return this.r.lower.extentsNow?.(offset, length) ?? null;
   }
 
   close(): Promise<void> {

@@ -5,16 +5,21 @@ import * as net from 'node:net';
 import type { Address } from '../config';
 import type { Logger } from '../log';
 import type { NodeRequestStats } from '../metrics/request-stats';
+import { BufferPool } from './buffer-pool';
 import { Connection } from './connection';
 import type { ExportRegistry } from './exports';
 
 /** Connections served at once; past this new ones are closed at accept. */
 export const MAX_CONNECTIONS = 1024;
+/** Free READ payload buffers kept for reuse, over all connections (bounded: counted in the RSS budget). */
+const READ_POOL_BYTES = 32 * 1024 * 1024;
 
 export class NbdServer {
   private readonly server: net.Server;
   private readonly connections = new Set<Connection>();
   private nextId = 1;
+  /** Long READ payload buffers, shared by the connections (see BufferPool). */
+  private readonly readBuffers = new BufferPool(READ_POOL_BYTES);
   private stopping: Promise<void> | null = null;
 
   constructor(
@@ -51,7 +56,7 @@ export class NbdServer {
     const id = this.nextId++;
     const log = this.log.child({ conn: id });
     log.info({ remote: `${socket.remoteAddress}:${socket.remotePort}` }, 'connection accepted');
-    const conn = new Connection(socket, { exports: this.exports, log });
+    const conn = new Connection(socket, { exports: this.exports, log, buffers: this.readBuffers });
     this.connections.add(conn);
     const st = this.stats;
     if (st) {

@@ -45,6 +45,12 @@ export interface BlockDevice {
   readonly caps: Capabilities;
   /** Fill buf with the bytes at offset (buf.length bytes). */
   pread(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Optional fast path of pread for the request hot path: fill buf synchronously when everything it needs is
+   * in memory (region, read cache, OS page cache) and return true; false = use pread (buf is then in any
+   * state). Throws like pread on failure.
+   */
+  preadNow?(buf: Buffer, offset: number): boolean;
   pwrite(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;
   /**
    * Optional fast path of pwrite for the request hot path: null when the write already completed (with the
@@ -76,6 +82,8 @@ export interface BlockDevice {
    * covering the first byte. flags use NBD_STATE_HOLE / NBD_STATE_ZERO.
    */
   extents(offset: number, length: number): Promise<Extent[]>;
+  /** Optional: extents() answered synchronously when that needs no I/O; null = use extents(). */
+  extentsNow?(offset: number, length: number): Extent[] | null;
   close(): Promise<void>;
 }
 

@@ -48,12 +48,18 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async pread(buf: Buffer, offset: number): Promise<void> {
+    this.preadNow(buf, offset);
+  }
+
+  /** Memory never needs waiting for: always synchronous. */
+  preadNow(buf: Buffer, offset: number): boolean {
     this.check(offset, buf.length, false);
     this.forEachBlock(offset, buf.length, (block, inBlock, pos, n) => {
       const data = this.blocks.get(block);
       if (data === undefined) buf.fill(0, pos, pos + n);
       else data.copy(buf, pos, inBlock, inBlock + n);
     });
+    return true;
   }
 
   async pwrite(buf: Buffer, offset: number, _flags: WriteFlags = {}): Promise<void> {
@@ -99,6 +105,10 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
+    return this.extentsNow(offset, length);
+  }
+
+  extentsNow(offset: number, length: number): Extent[] {
     this.check(offset, length, false);
     return this.map.extents(offset, length);
   }

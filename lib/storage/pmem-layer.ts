@@ -19,6 +19,12 @@ export type Durability = 'disk' | 'pmem';
 
 const RESOLVED = Promise.resolve();
 
+/**
+ * Reads up to this size fill the read cache. Longer ones (sequential scans, copies) would evict the small
+ * random reads the cache is for, at the cost of a copy per page; the OS page cache serves them well.
+ */
+const CACHE_FILL_MAX = 64 << 10;
+
 /** CACHE prefetches at most this much per request. */
 const CACHE_PREFETCH_MAX = 32 << 20;
 
@@ -198,15 +204,64 @@ export class PmemLayer implements BlockDevice {
     const generation = e.generation;
     await Promise.all(misses.map((m) => e.backing.pread(buf.subarray(m.pos, m.pos + m.len), m.off)));
     // Keep whole pages in the cache, unless the export changed while we read (the data may be stale).
-    if (e.generation !== generation || s.cache.maxBytes === 0) return;
-    for (const m of misses) {
-      const firstFull = Math.ceil(m.off / PAGE_SIZE);
-      const end = m.off + m.len;
-      for (let b = firstFull; (b + 1) * PAGE_SIZE <= end; b++) {
-        if (e.index.has(b)) continue;
-        const at = m.pos + (b * PAGE_SIZE - m.off);
-        s.cache.insert(e.id, b, buf.subarray(at, at + PAGE_SIZE));
+    if (e.generation !== generation || buf.length > CACHE_FILL_MAX) return;
+    for (const m of misses) this.fillCache(buf, m.pos, m.len, m.off);
+  }
+
+  /**
+   * The read without waiting (see BlockDevice.preadNow): region and read cache first, the rest from the
+   * backing file if it can read it at once. Nothing can change the export while this runs, so the cache
+   * fills need no generation check.
+   */
+  preadNow(buf: Buffer, offset: number): boolean {
+    const backing = this.e.backing;
+    if (backing.preadNow === undefined) return false;
+    const s = this.store;
+    const r = s.region;
+    const e = this.e;
+    // The current run of misses: buf[missPos, pos) holds the bytes at missOff.
+    let missPos = -1;
+    let missOff = 0;
+    let pos = 0;
+    while (pos < buf.length) {
+      const off = offset + pos;
+      const block = Math.floor(off / PAGE_SIZE);
+      const inPage = off - block * PAGE_SIZE;
+      const n = Math.min(PAGE_SIZE - inPage, buf.length - pos);
+      const slot = e.index.get(block);
+      let hit = true;
+      if (slot !== undefined) r.page(slot).copy(buf, pos, inPage, inPage + n);
+      else hit = s.cache.readInto(e.id, block, buf, pos, inPage, inPage + n);
+      if (!hit) {
+        if (missPos < 0) {
+          missPos = pos;
+          missOff = off;
+        }
+      } else if (missPos >= 0) {
+        if (!this.missNow(buf, missPos, pos - missPos, missOff)) return false;
+        missPos = -1;
       }
+      pos += n;
+    }
+    return missPos < 0 || this.missNow(buf, missPos, pos - missPos, missOff);
+  }
+
+  /** Read buf[pos, pos+len) from the backing file at off without waiting, and cache it; false if it cannot. */
+  private missNow(buf: Buffer, pos: number, len: number, off: number): boolean {
+    const part = pos === 0 && len === buf.length ? buf : buf.subarray(pos, pos + len);
+    if (!this.e.backing.preadNow!(part, off)) return false;
+    if (buf.length <= CACHE_FILL_MAX) this.fillCache(buf, pos, len, off);
+    return true;
+  }
+
+  /** Put the whole, non-resident pages of buf[pos, pos+len) (the bytes at off) in the read cache. */
+  private fillCache(buf: Buffer, pos: number, len: number, off: number): void {
+    const s = this.store;
+    if (s.cache.maxBytes === 0) return;
+    const end = off + len;
+    for (let b = Math.ceil(off / PAGE_SIZE); (b + 1) * PAGE_SIZE <= end; b++) {
+      if (this.e.index.has(b)) continue;
+      s.cache.insert(this.e.id, b, buf, pos + (b * PAGE_SIZE - off));
     }
   }
 
@@ -219,7 +274,16 @@ export class PmemLayer implements BlockDevice {
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
-    const backing = await this.e.backing.extents(offset, length);
+    return this.withResident(await this.e.backing.extents(offset, length), offset, length);
+  }
+
+  extentsNow(offset: number, length: number): Extent[] | null {
+    const backing = this.e.backing.extentsNow?.(offset, length);
+    return backing == null ? null : this.withResident(backing, offset, length);
+  }
+
+  /** The backing file's extents of [offset, offset+length) with the region's resident blocks as data. */
+  private withResident(backing: Extent[], offset: number, length: number): Extent[] {
     const first = Math.floor(offset / PAGE_SIZE);
     const last = Math.floor((offset + length - 1) / PAGE_SIZE);
     const index = this.e.index;

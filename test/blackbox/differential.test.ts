@@ -20,6 +20,7 @@ import * as path from 'node:path';
 import { requireThat, requireTool } from '../helpers/requires';
 import { describe, pythonWithNbd, run, type RunResult } from '../helpers/run';
 import { freshDir, startServer } from '../helpers/spawn-server';
+import { tmpfsDir } from '../helpers/tmpfs';
 
 /** 16 MiB + 1536: not a multiple of 4096, so the server's partial tail block is exercised. */
 const SIZE = 16 * 1024 * 1024 + 1536;
@@ -311,11 +312,22 @@ const TITLES: Record<Mode, string> = {
 const python = pythonWithNbd();
 if (requireTool(t, 'nbdkit')) {
   if (requireThat(t, python !== null, 'differential: no python3 can import nbd (install python3-libnbd)')) {
-    for (const mode of ['rw', 'ro', 'refused_write'] as const) {
-      t.test(TITLES[mode], async (tt) => {
+    const runs: Array<{ mode: Mode; title: string; tmpfs: boolean }> = [
+      ...(['rw', 'ro', 'refused_write'] as const).map((mode) => ({ mode, title: TITLES[mode], tmpfs: false })),
+      // Files in memory: the server answers reads synchronously (in the request loop, into the reply buffer).
+      { mode: 'rw', title: 'differential-rw-tmpfs: the same with the data dir on tmpfs (synchronous reads)', tmpfs: true },
+    ];
+    for (const { mode, title, tmpfs } of runs) {
+      t.test(title, async (tt) => {
         const ro = mode === 'ro' ? ['-r'] : [];
+        let dataDir: string | undefined;
+        if (tmpfs) {
+          const dir = tmpfsDir(tt, 'differential');
+          if (!requireThat(tt, dir !== null, '/dev/shm is not a tmpfs')) return;
+          dataDir = dir!;
+        }
         const ref = await startNbdkit(tt, ro);
-        const srv = await startServer(tt, { args: ['--export', `disk0=${SIZE}`, ...(mode === 'ro' ? ['--read-only'] : [])] });
+        const srv = await startServer(tt, { args: ['--export', `disk0=${SIZE}`, ...(mode === 'ro' ? ['--read-only'] : [])], ...(dataDir ? { dataDir } : {}) });
 
         const a = await runScript(python!, ref.uri, mode);
         tt.equal(a.r.code, 0, 'script runs against nbdkit', a.r.code === 0 ? {} : { run: describe(a.r), nbdkit: ref.stderr() });

@@ -1,7 +1,8 @@
 // lib/storage/backing-file.ts against real files in t.testdir(): creation, locking, data at unaligned offsets,
 // deallocation through the allocation map (TRIM, WRITE_ZEROES), the rule that stale bytes of a deallocated block
 // never reappear (also under concurrent writes and across reopen), rebuilding a lost map from the file's own
-// holes, flush coalescing, the short tail block, and a seeded random model test with a reopen in the middle.
+// holes, flush coalescing, the short tail block, a seeded random model test with a reopen in the middle, and
+// synchronous reads (preadNow) exactly when the image is on tmpfs.
 
 import t from 'tap';
 import type { Test } from 'tap';
@@ -14,6 +15,8 @@ import { LockedError, NotSupportedError, UsageError, toNbdErrno } from '../../li
 import { silentLogger } from '../../lib/log';
 import type { Extent } from '../../lib/storage/block-device';
 import { prng } from '../helpers/bytes';
+import { tmpfsDir } from '../helpers/tmpfs';
+import { requireThat } from '../helpers/requires';
 
 const BS = 4096;
 const KiB = 1024;
@@ -614,4 +617,53 @@ t.test('pwriteNow: synchronous into allocated blocks or whole blocks over holes;
   t.ok(back.subarray(512, 1024).equals(Buffer.alloc(512, 1)));
   t.ok(back.subarray(4096).equals(b), 'data and allocation survive a reopen');
   await again.close();
+});
+
+t.test('preadNow: synchronous reads exactly when the image is on a memory filesystem', async (t) => {
+  const disk = t.testdir();
+  const onDisk = await open(t, disk, 1 << 20);
+  const onDiskIsMemory = statfsSync(disk).type === 0x01021994;
+  t.equal(onDisk.inMemory, onDiskIsMemory, `the fixture directory is ${onDiskIsMemory ? '' : 'not '}a tmpfs, and the file says so`);
+  await onDisk.pwrite(Buffer.alloc(4096, 0x31), 0);
+  if (!onDiskIsMemory) t.equal(onDisk.preadNow(Buffer.alloc(4096), 0), false, 'a file on a disk declines: a read may wait for the device');
+  await onDisk.close();
+
+  const dir = tmpfsDir(t, 'backing-file');
+  if (!requireThat(t, dir !== null, '/dev/shm is not a tmpfs')) return;
+  const size = 256 * 4096 + 1000; // with a short tail block
+  const dev = await open(t, dir!, size);
+  t.equal(dev.inMemory, true, 'a file under /dev/shm is in memory');
+  t.equal(dev.preadNow(Buffer.alloc(0), 5), true, 'an empty read');
+  // Data, holes that never held data, trimmed blocks and the short tail, then random ranges over all of them.
+  const rnd = prng(4242);
+  const model = Buffer.alloc(size);
+  for (let i = 0; i < 60; i++) {
+    const off = Math.floor(rnd() * (size - 1));
+    const len = 1 + Math.floor(rnd() * Math.min(3 * 4096, size - off));
+    const data = Buffer.alloc(len);
+    for (let j = 0; j < len; j++) data[j] = Math.floor(rnd() * 255) + 1;
+    await dev.pwrite(data, off);
+    data.copy(model, off);
+  }
+  for (let i = 0; i < 15; i++) {
+    const first = Math.floor(rnd() * 256);
+    const n = 1 + Math.floor(rnd() * 4);
+    await dev.trim(first * 4096, n * 4096);
+    model.fill(0, first * 4096, Math.min(size, (first + n) * 4096));
+  }
+  const flags = (await dev.extents(0, size)).map((e) => e.flags);
+  t.ok(flags.includes(DATA) && flags.includes(HOLE_ZERO), 'the image has both data and holes');
+  let mismatches = 0;
+  let declined = 0;
+  for (let i = 0; i < 400; i++) {
+    const off = Math.floor(rnd() * (size - 1));
+    const len = 1 + Math.floor(rnd() * Math.min(64 * 1024, size - off));
+    const b = Buffer.alloc(len, 0xee);
+    if (!dev.preadNow(b, off)) declined++;
+    else if (!b.equals(model.subarray(off, off + len))) mismatches++;
+  }
+  t.equal(declined, 0, 'every read was answered synchronously');
+  t.equal(mismatches, 0, 'and every one matched the model (holes as zeros)');
+  const tail = Buffer.alloc(1000, 0xee);
+  t.ok(dev.preadNow(tail, 256 * 4096) && tail.equals(model.subarray(256 * 4096)), 'the short tail block');
 });

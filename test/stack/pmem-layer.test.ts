@@ -23,6 +23,8 @@ import { NotSupportedError } from '../../lib/errors';
 import { silentLogger } from '../../lib/log';
 import { PassThroughDevice } from '../helpers/pass-through';
 import { prng } from '../helpers/bytes';
+import { tmpfsDir } from '../helpers/tmpfs';
+import { requireThat } from '../helpers/requires';
 
 const PS = 4096;
 const KiB = 1024;
@@ -86,6 +88,8 @@ class Gate {
 class Hooked extends PassThroughDevice {
   writes: Array<{ offset: number; length: number }> = [];
   reads = 0;
+  /** Of `reads`, those answered synchronously (preadNow). */
+  readsNow = 0;
   flushes = 0;
   /** Successful pwrite calls since the last successful flush: 0 means everything written is flushed. */
   writesSinceFlush = 0;
@@ -99,6 +103,18 @@ class Hooked extends PassThroughDevice {
     this.reads++;
     if (this.beforeRead) await this.beforeRead(offset, buf.length);
     await this.inner.pread(buf, offset);
+  }
+
+  /** Synchronous reads pass through while no read hook is set (a hook may hold or fail the read). */
+  preadNow(buf: Buffer, offset: number): boolean {
+    if (this.beforeRead || this.inner.preadNow === undefined || !this.inner.preadNow(buf, offset)) return false;
+    this.reads++;
+    this.readsNow++;
+    return true;
+  }
+
+  extentsNow(offset: number, length: number): Extent[] | null {
+    return this.inner.extentsNow?.(offset, length) ?? null;
   }
 
   override async pwrite(buf: Buffer, offset: number, flags: WriteFlags = {}): Promise<void> {
@@ -210,6 +226,12 @@ async function read(dev: BlockDevice, offset: number, length: number): Promise<B
   return b;
 }
 
+/** The bytes if the device can read them synchronously (preadNow), else null. */
+function readNow(dev: BlockDevice, offset: number, length: number): Buffer | null {
+  const b = Buffer.alloc(length, 0xee);
+  return dev.preadNow?.(b, offset) === true ? b : null;
+}
+
 function pattern(length: number, seed: number): Buffer {
   const b = Buffer.alloc(length);
   for (let i = 0; i < length; i++) b[i] = ((i * 31 + seed * 7) % 251) + 1; // never zero
@@ -274,6 +296,8 @@ interface ModelRunOptions {
   file?: string;
   /** Check the backing device against the model after each flush (disk durability). */
   checkBackingOnFlush: boolean;
+  /** Whether the backing device must (true) or must never (false) have been read synchronously. */
+  syncBacking?: boolean;
 }
 
 async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
@@ -296,7 +320,7 @@ async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
   const pool = Buffer.alloc(4 * MiB);
   for (let i = 0; i < pool.length; i += 4) pool.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
 
-  const counts = { write: 0, read: 0, trim: 0, zero: 0, zeroNoTrim: 0, fastRefused: 0, cache: 0, extents: 0, flush: 0, fua: 0 };
+  const counts = { write: 0, read: 0, readNow: 0, trim: 0, zero: 0, zeroNoTrim: 0, fastRefused: 0, cache: 0, extents: 0, flush: 0, fua: 0 };
   let readMismatches = 0;
   let extentProblems = 0;
   let flushMismatches = 0;
@@ -376,8 +400,11 @@ async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
         const [off, len] = r;
         const want = Buffer.from(model.subarray(off, off + len)); // nothing else in the batch touches it
         counts.read++;
+        // Half the reads go the way the server's request loop takes them: synchronously if the layer can.
+        const now = rnd() < 0.5 ? readNow(layer, off, len) : null;
+        if (now !== null) counts.readNow++;
         ops.push(
-          read(layer, off, len).then((got) => {
+          (now !== null ? Promise.resolve(now) : read(layer, off, len)).then((got) => {
             if (!got.equals(want)) {
               readMismatches++;
               let i = 0;
@@ -433,8 +460,9 @@ async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
         if (!r) continue;
         const [off, len] = r;
         counts.extents++;
+        const now = rnd() < 0.5 ? layer.extentsNow(off, len) : null; // as a READ asks, when it can
         ops.push(
-          layer.extents(off, len).then((ext) => {
+          (now !== null ? Promise.resolve(now) : layer.extents(off, len)).then((ext) => {
             if (!extentsShapeOk(ext, len)) {
               extentProblems++;
               note(`batch ${batch}: bad extents shape ${JSON.stringify(ext)} for ${off}+${len}`);
@@ -485,6 +513,9 @@ async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
   t.ok(s.wb.bytesWritten > MIN_PAGES * PS, `writeback wrote ${s.wb.bytesWritten} bytes`);
   t.ok(s.cache.hits > 0, `the read cache served ${s.cache.hits} blocks`);
   t.ok(dev.reads > 0, 'the backing device was read (misses and read-modify-write)');
+  t.ok(counts.readNow > 0, `${counts.readNow} reads were answered synchronously`);
+  if (o.syncBacking) t.ok(dev.readsNow > 0, `${dev.readsNow} of them read the backing device synchronously`);
+  else if (o.syncBacking === false) t.equal(dev.readsNow, 0, 'the backing device was never read synchronously (it is on a disk)');
   // Everything reads back, and after close (a final writeback) the backing device holds it all.
   t.ok((await read(layer, 0, size)).equals(model), 'a full read equals the model');
   await layer.close();
@@ -494,25 +525,35 @@ async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
 }
 
 t.test('random model test: MemoryDevice, disk durability, minimum region, short tail page', async (t) => {
-  await modelRun(t, { seed: 0xc0ffee, batches: 900, size: 512 * PS - 1234, durability: 'disk', checkBackingOnFlush: true });
+  await modelRun(t, { seed: 0xc0ffee, batches: 900, size: 512 * PS - 1234, durability: 'disk', checkBackingOnFlush: true, syncBacking: true });
 });
 
 t.test('random model test: second seed, a 1 MiB export (the region could hold all of it)', async (t) => {
   await modelRun(t, { seed: 7, batches: 250, size: 1 * MiB, durability: 'disk', checkBackingOnFlush: true });
 });
 
-t.test('random model test: BackingFile, pmem durability (real async I/O underneath)', async (t) => {
-  const dir = t.testdir();
+/** The model test over a real BackingFile in dir: synchronous backing reads exactly when dir is in memory. */
+async function backingFileModelRun(t: Test, dir: string, seed: number): Promise<void> {
   const size = 640 * PS + 512;
   const bf = await BackingFile.open({ dir, name: 'disk', size, readOnly: false, log });
   t.teardown(() => bf.close());
-  await modelRun(t, { seed: 99, batches: 180, size, durability: 'pmem', inner: bf, file: path.join(dir, 'region.pmem'), checkBackingOnFlush: false });
+  await modelRun(t, { seed, batches: 180, size, durability: 'pmem', inner: bf, file: path.join(dir, 'region.pmem'), checkBackingOnFlush: false, syncBacking: bf.inMemory });
   // The backing file itself (not just the open handle) holds the data: reopen it and compare with the layer.
   const layerView = await read(bf, 0, size);
   await bf.close();
   const again = await BackingFile.open({ dir, name: 'disk', size, readOnly: false, log });
   t.teardown(() => again.close());
   t.ok((await read(again, 0, size)).equals(layerView), 'the reopened backing file holds what was written back');
+}
+
+t.test('random model test: BackingFile, pmem durability (real async I/O underneath)', async (t) => {
+  await backingFileModelRun(t, t.testdir(), 99);
+});
+
+t.test('random model test: BackingFile on tmpfs (synchronous reads of the file)', async (t) => {
+  const dir = tmpfsDir(t, 'pmem-layer');
+  if (!requireThat(t, dir !== null, '/dev/shm is not a tmpfs')) return;
+  await backingFileModelRun(t, dir!, 1234);
 });
 
 t.test('random model test: two exports share the region (eviction and writeback across exports)', async (t) => {
