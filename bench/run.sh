@@ -7,6 +7,9 @@
 #   nbdmirror-mirror a primary that mirrors every write to a secondary node on loopback (bench/mirror/pair.sh),
 #                    both with nbdmirror-disk's flags (only when --help lists --peer)
 #   peers            nbdkit-file (the ratio baseline), qemu-nbd, nbd-server, nbdkit-memory (context)
+# Each target gets nbdcopy copy_in/copy_out and eight fio workloads, among them randrw70_4k_2x16 (two
+# connections, multi-conn, at depth 16 each); for every measurement the harness also records the server's peak RSS
+# (column srv_rss_mib, and a "Peak RSS per server" table in summary.md).
 # Then, in the same run directory, bench/mirror/resync.sh times a resync against an nbdcopy of the same data
 # between the same two nodes, and bench/mirror/report.py adds a "Mirroring" section to summary.md (mirrored vs
 # unmirrored write latency and IOPS, resync vs nbdcopy, each with its target and pass/fail).
@@ -15,7 +18,7 @@
 # dist/ during the run (a shared worktree) cannot change the server under test.
 #
 # Usage:
-#   npm run bench                                   # 3 reps x 5 s + 1 s ramp (about 13-16 min)
+#   npm run bench                                   # 3 reps x 5 s + 1 s ramp (about 20-25 min)
 #   npm run bench -- --reps 1 --runtime 3           # quick look; any nbd-bench.sh option passes through
 #   BENCH_PEERS='nbdkit-file' npm run bench         # other peer builtins (see bench/fio/nbd-bench.sh --list)
 #   BENCH_PMEM_SIZE=2G npm run bench                # pass --pmem-size to the pmem target

@@ -35,6 +35,8 @@ export interface Config {
   durability: Durability;
   /** Bytes of clean blocks kept in the read cache (0 disables it). */
   cacheSize: number;
+  /** Writes of at least this many bytes may go straight to the backing file, past the region (0: never). */
+  writeBypass: number;
   /** A name for this node in logs and status (the node's uuid in node.json identifies it on the wire). */
   nodeId: string | null;
   /** Role every export takes at start; null = the role stored in NAME.meta.json (new: primary without a peer, else secondary). */
@@ -67,6 +69,7 @@ export const DEFAULTS = {
   pmemDir: '/dev/shm (else the data dir)',
   durability: 'disk' as Durability,
   cacheSize: '64M',
+  writeBypass: '256K',
   writebackHigh: '50',
   writebackLow: '25',
   writebackMaxAge: '5s',
@@ -101,6 +104,11 @@ export function serverCommand(): Command {
         .env('NBDMIRROR_DURABILITY'),
     )
     .addOption(new Option('--cache-size <size>', 'read cache of clean blocks (0 disables)').default(DEFAULTS.cacheSize).env('NBDMIRROR_CACHE_SIZE'))
+    .addOption(
+      new Option('--write-bypass <size>', 'writes this long (whole pages, none in the region) go straight to the backing file (0 disables)')
+        .default(DEFAULTS.writeBypass)
+        .env('NBDMIRROR_WRITE_BYPASS'),
+    )
     .addOption(new Option('--writeback-high <percent>', 'start writeback above this share of dirty region pages').default(DEFAULTS.writebackHigh).env('NBDMIRROR_WRITEBACK_HIGH'))
     .addOption(new Option('--writeback-low <percent>', 'stop writeback at this share of dirty region pages').default(DEFAULTS.writebackLow).env('NBDMIRROR_WRITEBACK_LOW'))
     .addOption(new Option('--writeback-max-age <duration>', 'write back pages dirty for longer than this (e.g. 500ms, 5s)').default(DEFAULTS.writebackMaxAge).env('NBDMIRROR_WRITEBACK_MAX_AGE'))
@@ -180,6 +188,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Loa
     pmemDir: typeof o.pmemDir === 'string' && o.pmemDir !== '' ? o.pmemDir : defaultPmemDir(String(o.dataDir)),
     durability: o.durability as Durability,
     cacheSize: parseSize(String(o.cacheSize), '--cache-size'),
+    writeBypass: parseSize(String(o.writeBypass), '--write-bypass'),
     writeback: parseWriteback(String(o.writebackHigh), String(o.writebackLow), String(o.writebackMaxAge)),
     nodeId: typeof o.nodeId === 'string' && o.nodeId !== '' ? o.nodeId : null,
     role: o.role === 'primary' || o.role === 'secondary' ? o.role : null,
@@ -214,6 +223,8 @@ const FILE_KEYS: Record<string, string> = {
   durability: 'durability',
   'cache-size': 'cacheSize',
   cacheSize: 'cacheSize',
+  'write-bypass': 'writeBypass',
+  writeBypass: 'writeBypass',
   'writeback-high': 'writebackHigh',
   writebackHigh: 'writebackHigh',
   'writeback-low': 'writebackLow',
@@ -235,7 +246,7 @@ const FILE_KEYS: Record<string, string> = {
 };
 
 /** Keys whose config-file value may be a JSON number (sizes in bytes, percentages, seconds). */
-const NUMERIC_KEYS = new Set(['pmemSize', 'cacheSize', 'writebackHigh', 'writebackLow', 'writebackMaxAge', 'peerTimeout', 'resyncRate']);
+const NUMERIC_KEYS = new Set(['pmemSize', 'cacheSize', 'writeBypass', 'writebackHigh', 'writebackLow', 'writebackMaxAge', 'peerTimeout', 'resyncRate']);
 
 /** Config-file values fill in what neither a flag nor the environment set. */
 function applyConfigFile(cmd: Command, file: string): void {

@@ -44,7 +44,7 @@ export interface RecoveryFigures {
 export interface NodeStatus {
   node: { uuid: string; durability: string; regionFile: string };
   region: ReturnType<PmemStore['stats']>;
-  writeback: { bytesWritten: number };
+  writeback: { bytesWritten: number; bypassBytes: number };
   cache: { maxBytes: number; bytes: number; hits: number; misses: number };
   recovery: RecoveryFigures;
   exports: Array<{ name: string; size: number; residentPages: number }>;
@@ -142,7 +142,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     const requests = new NodeRequestStats();
     for (const e of config.exports) {
       const se = store.addExport(e.name, backings.get(e.name)!);
-      const layer = new PmemLayer(store, se, writeback, config.durability);
+      const layer = new PmemLayer(store, se, writeback, config.durability, config.writeBypass === 0 ? Infinity : config.writeBypass);
       layers.push({ name: e.name, layer, index: se.index });
       const replica = await Replica.open({
         name: e.name,
@@ -171,7 +171,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     const status = (): NodeStatus => ({
       node: { uuid, durability: config.durability, regionFile },
       region: store.stats(),
-      writeback: { bytesWritten: writeback!.bytesWritten },
+      writeback: { bytesWritten: writeback!.bytesWritten, bypassBytes: store.bypassBytes },
       cache: { maxBytes: cache.maxBytes, bytes: cache.bytes, hits: cache.hits, misses: cache.misses },
       recovery: figures,
       exports: layers.map((l) => ({ name: l.name, size: backings.get(l.name)!.size, residentPages: l.index.size })),
@@ -193,6 +193,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
           oldestDirtySeconds: st.oldestDirtyMs === null ? null : st.oldestDirtyMs / 1000,
         },
         writebackBytes: writeback!.bytesWritten,
+        bypassBytes: store.bypassBytes,
         cache: { hits: cache.hits, misses: cache.misses, bytes: cache.bytes, maxBytes: cache.maxBytes },
         replication: replicas.map((r) => {
           const s = r.status();

@@ -6,15 +6,19 @@
 #   1. copy_in   nbdcopy a 1 GiB random-data file into the (empty) export   [timed]
 #   2. verify    read the export back and cmp it with the source (rep 1)   [untimed]
 #   3. copy_out  nbdcopy --no-extents export -> null:                        [timed]
-#   4. seven fio workloads, ioengine=nbd (libnbd), numjobs=1, fixed runtime:
+#   4. eight fio workloads, ioengine=nbd (libnbd), fixed runtime:
 #        randread_4k_qd1 randread_4k_qd32 randwrite_4k_qd1 randwrite_4k_qd32
-#        read_1m_qd8 write_1m_qd8 randrw70_4k_qd16
+#        read_1m_qd8 write_1m_qd8 randrw70_4k_qd16   (numjobs=1: one connection)
+#        randrw70_4k_2x16   (numjobs=2: two connections (multi-conn), QD16 each,
+#                            group_reporting: one aggregated result)
 # Repetitions are interleaved (rep1: A B C, rep2: B C A, ...), so slow drifts in
 # machine load hit all targets alike. For every sample it also records the CPU
 # used by the server's process group, by the client (fio/nbdcopy) and by
 # everything else on the machine ("foreign" load), so noisy samples can be
-# recognised. Results: RUN_DIR/results.tsv (raw samples), summary.md and
-# summary.json (median and min–max across reps, ratios vs. a baseline target).
+# recognised, and the peak resident set size of the server's process group
+# (sum of VmRSS, sampled every 0.2 s). Results: RUN_DIR/results.tsv (raw
+# samples), summary.md and summary.json (median and min–max across reps,
+# ratios vs. a baseline target, peak RSS per server).
 #
 # Usage:
 #   bench/fio/nbd-bench.sh [options] [BUILTIN ...]
@@ -45,7 +49,7 @@
 #   --runtime S           fio measured runtime per workload in seconds (default 5)
 #   --ramp S              fio ramp time before measuring (default 1)
 #   --size SIZE           disk size, e.g. 1G, 512M (default 1G)
-#   --workloads LIST      comma-separated fio workload ids (default: all seven)
+#   --workloads LIST      comma-separated fio workload ids (default: all eight)
 #   --no-copy             do not report the nbdcopy timings (copy_in still runs
 #                         untimed as prefill, so reads never hit empty disks)
 #   --verify MODE         first|all|none: data check after copy_in (default first)
@@ -111,10 +115,16 @@ T_EXPORT[nbd-server]=bench
 for t in "${BUILTIN_ORDER[@]}" "${EXTRA_BUILTINS[@]}"; do T_KIND[$t]=builtin; done
 
 # ----------------------------------------------------------------------------
-# Workloads: fio arguments per id (numjobs=1 always).
+# Workloads: fio arguments per id, and the number of fio jobs (WL_JOBS, default
+# 1). Each job opens its own NBD connection (the nbd engine keeps one libnbd
+# handle per job), so WL_JOBS > 1 is a multi-conn workload: the jobs run with
+# --group_reporting and the result is their aggregate (IOPS and MB/s summed,
+# latency percentiles over all I/Os). Such a workload still runs against a
+# target that does not advertise multi-conn; its rows are marked in the note.
 # ----------------------------------------------------------------------------
-declare -A WL_ARGS
-WL_ORDER=(randread_4k_qd1 randread_4k_qd32 randwrite_4k_qd1 randwrite_4k_qd32 read_1m_qd8 write_1m_qd8 randrw70_4k_qd16)
+declare -A WL_ARGS WL_JOBS
+WL_ORDER=(randread_4k_qd1 randread_4k_qd32 randwrite_4k_qd1 randwrite_4k_qd32 read_1m_qd8 write_1m_qd8 randrw70_4k_qd16
+  randrw70_4k_2x16)
 WL_ARGS[randread_4k_qd1]="--rw=randread --bs=4k --iodepth=1"
 WL_ARGS[randread_4k_qd32]="--rw=randread --bs=4k --iodepth=32"
 WL_ARGS[randwrite_4k_qd1]="--rw=randwrite --bs=4k --iodepth=1"
@@ -122,6 +132,9 @@ WL_ARGS[randwrite_4k_qd32]="--rw=randwrite --bs=4k --iodepth=32"
 WL_ARGS[read_1m_qd8]="--rw=read --bs=1m --iodepth=8"
 WL_ARGS[write_1m_qd8]="--rw=write --bs=1m --iodepth=8"
 WL_ARGS[randrw70_4k_qd16]="--rw=randrw --rwmixread=70 --bs=4k --iodepth=16"
+# Two connections (multi-conn) at depth 16 each: 32 requests in flight in all.
+WL_ARGS[randrw70_4k_2x16]="--rw=randrw --rwmixread=70 --bs=4k --iodepth=16"
+WL_JOBS[randrw70_4k_2x16]=2
 
 # ----------------------------------------------------------------------------
 # Defaults
@@ -143,7 +156,7 @@ list_builtins() {
   echo "Other builtin targets (name them explicitly):"
   for t in "${EXTRA_BUILTINS[@]}"; do printf '  %-22s %s\n' "$t" "${T_CMD[$t]}"; done
   echo "fio workloads:"
-  for w in "${WL_ORDER[@]}"; do printf '  %-20s %s\n' "$w" "${WL_ARGS[$w]}"; done
+  for w in "${WL_ORDER[@]}"; do printf '  %-20s %s --numjobs=%s\n' "$w" "${WL_ARGS[$w]}" "${WL_JOBS[$w]:-1}"; done
   echo "nbdcopy workloads: copy_in copy_out"
 }
 
@@ -219,6 +232,8 @@ T_START=$(date +%s)
 
 # State of the server currently running (at most one at a time).
 SERVER_PID="" SERVER_PGID="" LAUNCH_PID="" SERVER_FILE="" SERVER_DATADIR="" URI="" IPERF_PID=""
+# The peak-RSS sampler of the measurement in progress (see rss_begin).
+RSS_PID="" RSS_FILE=$RUN_TMP/rss.peak RSS_KB=0 RSS_PIDS=""
 
 # ----------------------------------------------------------------------------
 # Process / CPU accounting helpers
@@ -251,10 +266,90 @@ server_alive() {
   [[ ${s%% *} -gt 0 ]]
 }
 
+# Peak resident set size of the server during a measurement. rss_pids sets
+# RSS_PIDS to the members of the server's process group, or to its PID alone
+# when it has no group of its own (the same scope as the CPU accounting);
+# rss_sample sets RSS_KB to the sum of VmRSS (/proc/PID/status, kB) over
+# RSS_PIDS. Both use bash builtins only: no process is started per sample
+# (pgrep would cost ~8 ms of CPU per call). rss_begin starts a background
+# sampler that samples every 0.2 s and keeps the maximum in $RSS_FILE. It lists
+# the group at every sample during the first second (the client connects just
+# after the start, and nbd-server forks a process per connection; a copy may
+# last only half a second) and once a second after that. rss_end stops it
+# (cleanup does too), takes one last sample and sets M_RSS (peak MiB; empty when
+# there is no server of ours, e.g. --uri). The sampler's CPU (~3 ms per listing
+# of /proc, far less per sample, ~30 ms to start and stop) counts as foreign
+# load: well under 0.01 cores.
+rss_pids() {
+  local f l c pg
+  RSS_PIDS=$SERVER_PID
+  [[ -n $SERVER_PGID ]] || return 0
+  RSS_PIDS=""
+  for f in /proc/[0-9]*/stat; do
+    # fields: pid (comm) state ppid pgrp ...
+    { read -r _ c _ _ pg _ <"$f"; } 2>/dev/null || continue
+    if [[ $c != *')' ]]; then             # comm contains spaces: cut at its last ") "
+      { read -r l <"$f"; } 2>/dev/null || continue
+      l=${l##*) }; l=${l#* }; l=${l#* }; pg=${l%% *}
+    fi
+    [[ $pg == "$SERVER_PGID" ]] && RSS_PIDS+=" ${f:6:-5}"
+  done
+}
+rss_sample() {
+  local p k v _
+  RSS_KB=0
+  for p in $RSS_PIDS; do
+    while read -r k v _; do
+      [[ $k == VmRSS: ]] && { RSS_KB=$((RSS_KB + v)); break; }
+    done 2>/dev/null <"/proc/$p/status"
+  done
+}
+rss_begin() {
+  rss_end_sampler
+  rm -f "$RSS_FILE"
+  [[ -n $SERVER_PID ]] || return 0
+  # A subshell does not inherit the harness's EXIT/INT/TERM traps, so TERM ends
+  # it through its own trap, which writes the peak. It waits with read -t on a
+  # pipe that never delivers data (no sleep process per sample; a trapped signal
+  # interrupts the read at once).
+  (
+    peak=0 n=0 fd=""
+    trap 'echo "$peak" >"$RSS_FILE"; exit 0' TERM
+    exec {fd}<> <(:) || fd=""
+    while [[ -d /proc/$$ ]]; do          # $$ = the harness: stop if it is gone
+      ((n < 5 || n % 5 == 0)) && rss_pids
+      n=$((n + 1))
+      rss_sample
+      ((RSS_KB > peak)) && { peak=$RSS_KB; echo "$peak" >"$RSS_FILE"; }
+      if [[ -n $fd ]]; then read -rt 0.2 -u "$fd" _; else sleep 0.2; fi
+    done
+  ) &
+  RSS_PID=$!
+}
+rss_end_sampler() {
+  [[ -n $RSS_PID ]] || return 0
+  kill "$RSS_PID" 2>/dev/null
+  wait "$RSS_PID" 2>/dev/null
+  RSS_PID=""
+}
+rss_end() {
+  M_RSS=""
+  [[ -n $SERVER_PID ]] || { rss_end_sampler; return 0; }
+  rss_pids; rss_sample                    # the end of the measurement
+  rss_end_sampler
+  local peak=$RSS_KB p=""
+  [[ -s $RSS_FILE ]] && read -r p <"$RSS_FILE"
+  [[ $p =~ ^[0-9]+$ ]] && ((p > peak)) && peak=$p
+  ((peak > 0)) && M_RSS=$(awk -v k="$peak" 'BEGIN { printf "%.1f", k / 1024 }')
+  rm -f "$RSS_FILE"
+}
+
 # measure_begin / measure_end bracket one measurement. measure_end takes the
 # client's user+sys CPU seconds and sets M_WALL (s), M_SRV, M_CLI, M_FOREIGN,
-# M_STEAL (all in cores = CPU-seconds per wall second).
+# M_STEAL (all in cores = CPU-seconds per wall second), and M_RSS (peak RSS of
+# the server in MiB, see rss_end).
 measure_begin() {
+  rss_begin
   M_SRV0=$(server_ticks)
   local _ u n s i w q sq st
   read -r _ u n s i w q sq st _ </proc/stat
@@ -266,6 +361,7 @@ measure_end() {
   t1=$(date +%s%N)
   read -r _ u n s i w q sq st _ </proc/stat
   srv1=$(server_ticks)
+  rss_end
   read -r M_WALL M_SRV M_CLI M_FOREIGN M_STEAL < <(awk -v t0="$M_T0" -v t1="$t1" -v hz="$HZ" \
       -v b0="$M_BUSY0" -v b1="$((u + n + s + q + sq))" -v s0="$M_STEAL0" -v s1="$st" \
       -v v0="$M_SRV0" -v v1="$srv1" -v cli="$cli" 'BEGIN {
@@ -404,6 +500,7 @@ stop_server() {
 }
 
 cleanup() {
+  rss_end_sampler
   stop_server
   [[ -n $IPERF_PID ]] && kill "$IPERF_PID" 2>/dev/null && wait "$IPERF_PID" 2>/dev/null
   rm -f "$SRC" "$VERIFY_FILE"
@@ -415,23 +512,35 @@ trap 'log "interrupted"; exit 130' INT TERM
 # ----------------------------------------------------------------------------
 # Measurements. Each appends one row to results.tsv.
 # ----------------------------------------------------------------------------
-TSV_COLS="run rep target workload status iops mbps p50_us p99_us p999_us mean_us seconds srv_cores cli_cores foreign_cores steal_cores note"
+# New columns go at the end, so the positions of the older ones stay valid.
+TSV_COLS="run rep target workload status iops mbps p50_us p99_us p999_us mean_us seconds srv_cores cli_cores foreign_cores steal_cores note srv_rss_mib"
 emit() { local IFS=$'\t'; echo "$*" >>"$TSV"; }
-# emit_row REP TARGET WORKLOAD STATUS IOPS MBPS P50 P99 P999 MEAN SECONDS NOTE (CPU fields from M_*)
+# emit_row REP TARGET WORKLOAD STATUS IOPS MBPS P50 P99 P999 MEAN SECONDS NOTE (CPU and RSS fields from M_*)
 emit_row() {
   emit "$RUN_ID" "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" "${10}" "${11}" \
-    "${M_SRV:-}" "${M_CLI:-}" "${M_FOREIGN:-}" "${M_STEAL:-}" "${12:-}"
+    "${M_SRV:-}" "${M_CLI:-}" "${M_FOREIGN:-}" "${M_STEAL:-}" "${12:-}" "${M_RSS:-}"
 }
-emit_fail() { M_SRV="" M_CLI="" M_FOREIGN="" M_STEAL=""; emit_row "$1" "$2" "$3" "$4" "" "" "" "" "" "" "" "${5:-}"; }
+emit_fail() { M_SRV="" M_CLI="" M_FOREIGN="" M_STEAL="" M_RSS=""; emit_row "$1" "$2" "$3" "$4" "" "" "" "" "" "" "" "${5:-}"; }
 
 # run_fio REP TARGET WORKLOAD
+# With WL_JOBS[WORKLOAD] > 1, fio runs that many jobs (one NBD connection each)
+# with --group_reporting, so .jobs[0] of its JSON is their aggregate.
 run_fio() {
   local rep=$1 name=$2 wl=$3 json=$RAW/$2.r$1.$3.json flog=$RAW/$2.r$1.$3.log tf=$RUN_TMP/time.out rc vals
-  local -a wlargs; read -ra wlargs <<<"${WL_ARGS[$wl]}"
+  local jobs=${WL_JOBS[$wl]:-1} note=""
+  local -a wlargs jobargs=(--numjobs="$jobs"); read -ra wlargs <<<"${WL_ARGS[$wl]}"
+  if ((jobs > 1)); then
+    jobargs+=(--group_reporting)
+    case ${T_MC[$name]:-?} in
+      yes) ;;
+      no) note="no multi-conn advertised" ;;
+      *) note="multi-conn not known (nbdinfo --can multi-conn failed)" ;;
+    esac
+  fi
   wait_quiet
   measure_begin
   /usr/bin/time -f '%U %S' -o "$tf" timeout -k 5 $((RAMP + RUNTIME + 30)) "${CLIENT_PIN[@]}" \
-    fio --name="$wl" --ioengine=nbd --uri="$URI" "${wlargs[@]}" --numjobs=1 \
+    fio --name="$wl" --ioengine=nbd --uri="$URI" "${wlargs[@]}" "${jobargs[@]}" \
       --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap --randrepeat=1 \
       --unified_rw_reporting=mixed --percentile_list=50:90:99:99.9 \
       --output-format=json --output="$json" "${FIO_EXTRA_ARR[@]}" >"$flog" 2>&1
@@ -448,13 +557,13 @@ run_fio() {
   if [[ $rc != 0 || -z $vals || $err != 0 || -z $iops ]] || awk -v x="$iops" 'BEGIN { exit !(x <= 0) }'; then
     local why; why=$(grep -m1 -iE 'error|fail|timeout' "$flog" | tr '\t' ' ' | cut -c1-120)
     [[ $rc == 124 || $rc == 137 ]] && why="timed out after $((RAMP + RUNTIME + 30)) s $why"
-    emit_row "$rep" "$name" "$wl" "fail:rc=$rc" "" "" "" "" "" "" "" "$why"
-    log "  $wl: FAILED rc=$rc $why"
+    emit_row "$rep" "$name" "$wl" "fail:rc=$rc" "" "" "" "" "" "" "" "${note:+$note; }$why"
+    log "  $wl: FAILED rc=$rc $why${note:+ ($note)}"
     return 1
   fi
-  emit_row "$rep" "$name" "$wl" ok "$iops" "$mbps" "$p50" "$p99" "$p999" "$mean" "$secs" ""
-  log "  $(printf '%-18s %9.0f IOPS %8.1f MB/s  p50 %7.1f us  p99 %8.1f us  srv %s cli %s foreign %s' \
-        "$wl" "$iops" "$mbps" "$p50" "$p99" "$M_SRV" "$M_CLI" "$M_FOREIGN")"
+  emit_row "$rep" "$name" "$wl" ok "$iops" "$mbps" "$p50" "$p99" "$p999" "$mean" "$secs" "$note"
+  log "  $(printf '%-18s %9.0f IOPS %8.1f MB/s  p50 %7.1f us  p99 %8.1f us  srv %s cli %s foreign %s rss %s MiB' \
+        "$wl" "$iops" "$mbps" "$p50" "$p99" "$M_SRV" "$M_CLI" "$M_FOREIGN" "${M_RSS:-n/a}")${note:+ ($note)}"
 }
 
 # run_copy REP TARGET WORKLOAD(copy_in|copy_out) RECORD(0|1)
@@ -482,7 +591,7 @@ run_copy() {
   local mbps; mbps=$(awk -v b="$SIZE_BYTES" -v s="$M_WALL" 'BEGIN { printf "%.1f", b / s / 1e6 }')
   if ((record)); then
     emit_row "$rep" "$name" "$wl" ok "" "$mbps" "" "" "" "" "$M_WALL" "nbdcopy ${args[*]}"
-    log "  $(printf '%-18s %6.2f s %8.1f MB/s  srv %s cli %s foreign %s' "$wl" "$M_WALL" "$mbps" "$M_SRV" "$M_CLI" "$M_FOREIGN")"
+    log "  $(printf '%-18s %6.2f s %8.1f MB/s  srv %s cli %s foreign %s rss %s MiB' "$wl" "$M_WALL" "$mbps" "$M_SRV" "$M_CLI" "$M_FOREIGN" "${M_RSS:-n/a}")"
   else
     log "  $wl (prefill, not reported): ${M_WALL}s"
   fi
@@ -492,7 +601,7 @@ run_copy() {
 # server that drops or corrupts writes). Untimed.
 run_verify() {
   local rep=$1 name=$2 st=ok
-  M_SRV="" M_CLI="" M_FOREIGN="" M_STEAL=""
+  M_SRV="" M_CLI="" M_FOREIGN="" M_STEAL="" M_RSS=""
   rm -f "$VERIFY_FILE"
   if ! timeout -k 5 "$COPY_TIMEOUT" nbdcopy --no-extents "$URI" "$VERIFY_FILE" >"$RAW/$name.r$rep.verify.log" 2>&1; then
     st=fail:read
@@ -606,6 +715,10 @@ collect_meta() {
   meta config.pin "${pin:-none}"
   meta config.wait_quiet "$WAIT_QUIET"
   meta config.workloads "${FIO_WLS[*]}"
+  local w mj=()
+  for w in "${FIO_WLS[@]}"; do [[ ${WL_JOBS[$w]:-1} == 1 ]] || mj+=("$w=${WL_JOBS[$w]}"); done
+  meta config.multi_job_workloads "${mj[*]}"
+  meta config.rss_sample_interval "0.2"
   local kv; for kv in "${EXTRA_META[@]}"; do meta "${kv%%=*}" "${kv#*=}"; done
 }
 write_targets() {

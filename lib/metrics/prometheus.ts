@@ -30,6 +30,8 @@ export interface ReplicationSnapshot {
 export interface MetricsSnapshot {
   region: { capacityPages: number; usedPages: number; dirtyPages: number; pageSize: number; backpressureWaits: number; oldestDirtySeconds: number | null };
   writebackBytes: number;
+  /** Bytes of long writes that went straight to the backing files, past the region. */
+  bypassBytes: number;
   cache: { hits: number; misses: number; bytes: number; maxBytes: number };
   replication: ReplicationSnapshot[];
 }
@@ -172,6 +174,7 @@ export function createNodeMetrics(src: MetricsSource, info: { version: string; n
   );
   gauge('nbdmirror_writeback_lag_seconds', 'Age of the oldest dirty region page (0 when none)', [], (g, s) => g.set(s.region.oldestDirtySeconds ?? 0));
   counter('nbdmirror_writeback_bytes_total', 'Bytes written back from the region to the backing files', [], (set) => set({}, state().writebackBytes));
+  counter('nbdmirror_write_bypass_bytes_total', 'Bytes of long writes that went straight to the backing files, past the region', [], (set) => set({}, state().bypassBytes));
   counter('nbdmirror_cache_hits_total', 'Reads served from the read cache (per 4 KiB block)', [], (set) => set({}, state().cache.hits));
   counter('nbdmirror_cache_misses_total', 'Reads the read cache could not serve (per 4 KiB block)', [], (set) => set({}, state().cache.misses));
   gauge('nbdmirror_cache_bytes', 'Bytes held by the read cache', [], (g, s) => g.set(s.cache.bytes));

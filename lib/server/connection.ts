@@ -268,7 +268,7 @@ export class Connection {
       pw.filled += this.reader.readInto(pw.buf, pw.filled, pw.buf.length - pw.filled);
       if (pw.filled < pw.buf.length) return false;
       this.pendingWrite = null;
-      this.dispatch(pw.req, pw.buf);
+      this.dispatch(pw.req, pw.buf, true);
       return true;
     }
     const hb = this.reader.peek(REQUEST_SIZE);
@@ -299,7 +299,7 @@ export class Connection {
       if (this.reader.length >= req.length) {
         this.dispatch(req, this.reader.take(req.length)!);
       } else {
-        const buf = Buffer.allocUnsafe(req.length);
+        const buf = this.payloadBuffer(req.length);
         this.pendingWrite = { req, buf, filled: this.reader.readInto(buf, 0, req.length) };
       }
       return;
@@ -311,7 +311,8 @@ export class Connection {
     this.dispatch(req, null);
   }
 
-  private dispatch(req: Request, payload: Buffer | null): void {
+  /** @param ownPayload payload came from payloadBuffer: it is given back once the device is done with it */
+  private dispatch(req: Request, payload: Buffer | null, ownPayload = false): void {
     if (req.type === NBD_CMD_WRITE || req.type === NBD_CMD_TRIM || req.type === NBD_CMD_WRITE_ZEROES) this.wrote = true;
     const st = this.stats;
     const t0 = st === null ? 0 : st.begin(req.type);
@@ -321,8 +322,12 @@ export class Connection {
     } catch (err) {
       p = Promise.reject(err);
     }
+    // A device owns a WRITE payload until its promise settles; after a failure part of the stack (a mirror
+    // write still in flight) may hold it yet, so only a success gives it back.
+    const give = ownPayload && payload !== null && payload.length > COPY_PAYLOAD_MAX ? this.deps.buffers : undefined;
     if (p === null) {
       // done and answered already: nothing was in flight
+      give?.give(payload!);
       st?.end(req.type, req.length, t0);
       return;
     }
@@ -330,7 +335,7 @@ export class Connection {
     this.inFlight++;
     this.inFlightBytes += bytes;
     this.maybePause();
-    p.then(undefined, (err: unknown) => this.replyError(req, err)).then(() => {
+    p.then(give === undefined ? undefined : () => give.give(payload!), (err: unknown) => this.replyError(req, err)).then(() => {
       // FLUSH and BLOCK_STATUS carry no data: their length is not counted as bytes.
       st?.end(req.type, req.type === NBD_CMD_FLUSH || req.type === NBD_CMD_BLOCK_STATUS ? 0 : req.length, t0);
       this.inFlight--;
@@ -602,7 +607,7 @@ export class Connection {
     this.send(data);
   }
 
-  /** A buffer for a READ payload of `length` bytes: pooled when it will be sent as it is (see BufferPool). */
+  /** A buffer for a READ or WRITE payload of `length` bytes: pooled when long (see BufferPool). */
   private payloadBuffer(length: number): Buffer {
     const pool = this.deps.buffers;
     return pool !== undefined && length > COPY_PAYLOAD_MAX ? pool.take(length) : Buffer.allocUnsafe(length);

@@ -63,10 +63,20 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async pwrite(buf: Buffer, offset: number, _flags: WriteFlags = {}): Promise<void> {
-    this.check(offset, buf.length, true);
-    this.forEachBlock(offset, buf.length, (block, inBlock, pos, n) => {
-      buf.copy(this.allocate(block), inBlock, pos, pos + n);
-    });
+    this.pwriteNow([buf], offset);
+  }
+
+  /** Memory never needs waiting for: always synchronous. */
+  pwriteNow(bufs: readonly Buffer[], offset: number): boolean {
+    let at = offset;
+    for (const buf of bufs) {
+      this.check(at, buf.length, true);
+      this.forEachBlock(at, buf.length, (block, inBlock, pos, n) => {
+        buf.copy(this.allocate(block), inBlock, pos, pos + n);
+      });
+      at += buf.length;
+    }
+    return true;
   }
 
   async flush(): Promise<void> {

@@ -25,6 +25,9 @@ const RESOLVED = Promise.resolve();
  */
 const CACHE_FILL_MAX = 64 << 10;
 
+/** Writes of at least this many bytes may bypass the region by default (see bypass()). */
+export const BYPASS_MIN = 256 << 10;
+
 /** CACHE prefetches at most this much per request. */
 const CACHE_PREFETCH_MAX = 32 << 20;
 
@@ -34,12 +37,18 @@ export class PmemLayer implements BlockDevice {
   /** Blocks with a read-modify-write (or trim) under way: later writes to them queue behind it. */
   private readonly pending = new Map<number, Promise<void>>();
   private readonly zeroPage = Buffer.alloc(PAGE_SIZE);
+  /** TRIM/WRITE_ZEROES under way (their pages are detached but still recoverable): no bypass meanwhile. */
+  private dropping = 0;
+  /** A write went straight to the backing file since the last FLUSH began (pmem durability must flush it). */
+  private bypassedSinceFlush = false;
 
   constructor(
     private readonly store: PmemStore,
     private readonly e: StoreExport,
     private readonly writeback: Writeback,
     private readonly durability: Durability,
+    /** Writes of at least this many bytes may bypass the region (Infinity: never; see bypass()). */
+    private readonly bypassMin = BYPASS_MIN,
   ) {
     this.size = e.backing.size;
     this.caps = { ...e.backing.caps };
@@ -58,6 +67,9 @@ export class PmemLayer implements BlockDevice {
     const first = Math.floor(offset / PAGE_SIZE);
     const last = Math.floor((offset + buf.length - 1) / PAGE_SIZE);
     this.store.cache.invalidate(this.e.id, first, last);
+    if (buf.length >= this.bypassMin && this.bypass(buf, offset, first, last)) {
+      return flags.fua ? this.e.backing.flush() : null;
+    }
     let block = first;
     let inPage = offset - first * PAGE_SIZE;
     for (let pos = 0; pos < buf.length; block++, inPage = 0) {
@@ -72,6 +84,33 @@ export class PmemLayer implements BlockDevice {
       this.store.region.sync();
     }
     return null;
+  }
+
+  /**
+   * A long write of whole pages none of which is in the region goes straight to the backing file, if that
+   * takes it at once (BackingFile.pwriteNow: a copy into the OS page cache). That survives a crash of this
+   * process as well as the region does, and saves a copy, a checksum and the later writeback per page, which
+   * streaming writes otherwise pay through a region far smaller than the export (bcache bypasses its cache
+   * for sequential I/O for the same reason). No older version of a block may land after it: the write is
+   * refused while any block of it is resident, being written back, queued for a read-modify-write, or while
+   * a TRIM/WRITE_ZEROES (whose detached pages recovery could still write back) is under way. FLUSH and FUA
+   * then also flush the backing file, in pmem durability too (see makeDurable).
+   */
+  private bypass(buf: Buffer, offset: number, first: number, last: number): boolean {
+    const e = this.e;
+    const pwriteNow = e.backing.pwriteNow;
+    if (pwriteNow === undefined || this.dropping !== 0 || offset % PAGE_SIZE !== 0) return false;
+    const end = offset + buf.length;
+    if (end % PAGE_SIZE !== 0 && end !== this.size) return false;
+    const busy = e.writing.nextSet(first);
+    if (busy >= 0 && busy <= last) return false;
+    if (e.index.size !== 0) for (let b = first; b <= last; b++) if (e.index.has(b)) return false;
+    if (this.pending.size !== 0) for (const b of this.pending.keys()) if (b >= first && b <= last) return false;
+    if (!pwriteNow.call(e.backing, [buf], offset)) return false;
+    e.generation++; // a read of these blocks in flight must not fill the cache with what it read before
+    this.bypassedSinceFlush = true;
+    this.store.bypassBytes += buf.length;
+    return true;
   }
 
   /** The pages of a write from pos on, the slow way: queued per block behind read-modify-writes and waits. */
@@ -339,6 +378,15 @@ export class PmemLayer implements BlockDevice {
    * for an operation that was never acknowledged.
    */
   private async dropWholePages(offset: number, length: number, backingOp: () => Promise<void>): Promise<void> {
+    this.dropping++;
+    try {
+      await this.dropWholePagesNow(offset, length, backingOp);
+    } finally {
+      this.dropping--;
+    }
+  }
+
+  private async dropWholePagesNow(offset: number, length: number, backingOp: () => Promise<void>): Promise<void> {
     const e = this.e;
     const s = this.store;
     const first = Math.ceil(offset / PAGE_SIZE);
@@ -391,8 +439,15 @@ export class PmemLayer implements BlockDevice {
   }
 
   private async makeDurable(): Promise<void> {
-    if (this.durability === 'pmem') this.store.region.sync();
-    else await this.writeback.flushExport(this.e);
+    if (this.durability === 'pmem') {
+      this.store.region.sync();
+      if (this.bypassedSinceFlush) {
+        this.bypassedSinceFlush = false; // a bypass from now on sets it again, for the next flush
+        await this.e.backing.flush();
+      }
+    } else {
+      await this.writeback.flushExport(this.e); // ends with a flush of the backing file
+    }
   }
 
   async close(): Promise<void> {

@@ -38,6 +38,8 @@ export interface StoreStats {
 }
 
 export class PmemStore {
+  /** Bytes written straight to backing files, past the region (PmemLayer bypass). */
+  bypassBytes = 0;
   readonly exports: StoreExport[] = [];
   dirtyCount = 0;
   backpressureWaits = 0;

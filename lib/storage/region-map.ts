@@ -1,8 +1,6 @@
 // Mapping the pages of a pmem region file. mmap-io cannot map 2 GiB or more in one call (its length is a
 // 32-bit int), so the pages are mapped in chunks of PAGES_PER_MAP pages; page(slot) hides the chunking.
-// Shared by the region itself (read-write) and the writeback thread (read-only).
 
-import { closeSync, openSync } from 'node:fs';
 import mmap from '@riaskov/mmap-io';
 
 export const PAGE_SIZE = 4096;
@@ -41,19 +39,5 @@ export class PageViews {
       this.views[slot] = v;
     }
     return v;
-  }
-}
-
-/**
- * Map a region file's pages read-only (for the writeback thread). The fd is closed at once: a mapping keeps
- * the file itself alive, and the main thread holds the region's lock.
- */
-export function mapRegionPages(file: string, g: RegionGeometry): (slot: number) => Buffer {
-  const fd = openSync(file, 'r');
-  try {
-    const views = new PageViews(mapPages(fd, g, false));
-    return (slot) => views.page(slot);
-  } finally {
-    closeSync(fd);
   }
 }

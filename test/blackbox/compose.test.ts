@@ -66,6 +66,7 @@ const METRICS: Record<string, 'counter' | 'gauge' | 'histogram'> = {
   nbdmirror_region_dirty_pages: 'gauge',
   nbdmirror_region_page_size_bytes: 'gauge',
   nbdmirror_writeback_bytes_total: 'counter',
+  nbdmirror_write_bypass_bytes_total: 'counter',
   nbdmirror_writeback_lag_seconds: 'gauge',
   nbdmirror_region_backpressure_waits_total: 'counter',
   nbdmirror_cache_hits_total: 'counter',

@@ -1,6 +1,7 @@
 // Crash torture for the storage engine (pmem region + writeback + recovery). A verifying writer keeps 32
-// requests in flight against dist/server.js — writes of 512 B … 256 KiB at random offsets (sector- and
-// page-aligned, unaligned, straddling page boundaries, half of them inside a small hot window so blocks are
+// requests in flight against dist/server.js — writes of 512 B … 1 MiB at random offsets (sector- and
+// page-aligned, unaligned, straddling page boundaries; long page-aligned ones may bypass the region; half of
+// them inside a small hot window so blocks are
 // rewritten while dirty, clean, evicted or being written back), some with FUA, FLUSHes now and then, a few
 // WRITE_ZEROES and TRIMs, and reads that check what is already known. At a random moment (50–600 ms into a
 // round) the test SIGKILLs the server, restarts it on the same data dir (same pmem region file, sometimes
@@ -36,7 +37,7 @@ const KiB = 1024;
 const PAGE = 4096;
 const EXPORT_SIZE = 64 * MiB;
 const IN_FLIGHT = 32;
-const MAX_IO = 256 * KiB;
+const MAX_IO = 1 * MiB;
 /** Bound on any single request in the verification phases (a hang fails instead of stalling the file). */
 const OP_TIMEOUT_MS = 20_000;
 
@@ -426,6 +427,7 @@ async function torture(t: Test, mode: 'disk' | 'pmem', rounds: number, seed: num
   let recoveredPages = 0;
   let tornPages = 0;
   const killDelays: number[] = [];
+  let bypassBytes = 0;
 
   const failedRounds: number[] = [];
   for (let round = 1; round <= rounds; round++) {
@@ -436,6 +438,9 @@ async function torture(t: Test, mode: 'disk' | 'pmem', rounds: number, seed: num
     killDelays.push(delay);
     const w = startWriter(client, model, round, prng((seed ^ Math.imul(round, 0x85ebca6b)) >>> 0), nextId);
     await new Promise((r) => setTimeout(r, delay));
+    // Just before the kill: how many bytes so far went straight to the backing file (the region bypass).
+    const before = await getStatus(srv.httpPort).catch(() => null);
+    bypassBytes += (before?.['writeback'] as { bypassBytes?: number } | undefined)?.bypassBytes ?? 0;
     w.stop();
     await srv.kill();
     const stats = await withTimeout(w.done, OP_TIMEOUT_MS, `round ${round}: the writer after the kill`);
@@ -500,6 +505,7 @@ async function torture(t: Test, mode: 'disk' | 'pmem', rounds: number, seed: num
     `${mode}: seed ${seed}, ${killDelays.length} rounds, ${totalAcked} requests acknowledged (${(totalBytes / MiB).toFixed(0)} MiB), ` +
       `recovery in ${recoveredRounds} rounds (${recoveredPages} pages, ${tornPages} torn); rounds with failures: ${failedRounds.length === 0 ? 'none' : failedRounds.join(', ')}`,
   );
+  t.ok(bypassBytes > 0, `long writes went straight to the backing file in the rounds (${(bypassBytes / MiB).toFixed(1)} MiB), and survived the kills too`);
   t.ok(
     failures.length === 0,
     `every acknowledged write survived ${killDelays.length} SIGKILLs and a clean stop (--durability ${mode}, seed ${seed}; ` +

@@ -61,10 +61,11 @@ if (requireTool(t, 'nbdcopy') && requireTool(t, 'promtool')) {
     const c = await NbdClient.connect({ host: '127.0.0.1', port: srv.nbdPort }, { exportName: 'disk0', metaContexts: [] });
     await t.rejects(c.pread(64 * MiB, 4096), 'a read past the end is refused');
     await c.pread(0, 65536);
+    await c.pwrite(Buffer.alloc(4096, 7), 20 * MiB); // short: into the region
     const m = await scrape(srv.httpPort);
     await c.disconnect();
 
-    t.equal(m.get(`nbdmirror_request_bytes_total${req('write')}`), 8 * MiB, 'write bytes = what nbdcopy copied');
+    t.equal(m.get(`nbdmirror_request_bytes_total${req('write')}`), 8 * MiB + 4096, 'write bytes = what nbdcopy copied and our one page');
     t.ok(m.get(`nbdmirror_requests_total${req('write')}`)! >= 8 * MiB / (32 * MiB), 'write requests counted');
     t.ok(m.get(`nbdmirror_requests_total${req('flush')}`)! >= 1, 'nbdcopy --flush sent a FLUSH');
     t.equal(m.get(`nbdmirror_request_errors_total{export="disk0",command="read",source="client",errno="EINVAL"}`), 1, 'the refused read, by errno');
@@ -76,6 +77,8 @@ if (requireTool(t, 'nbdcopy') && requireTool(t, 'promtool')) {
     t.equal(m.get('nbdmirror_connections_open'), 1, 'our own connection is open while scraping');
     t.equal(m.get('nbdmirror_region_capacity_pages'), 4096, '16 MiB region = 4096 pages');
     t.ok(m.get('nbdmirror_region_used_pages')! > 0, 'the region holds pages');
+    const bypassed = m.get('nbdmirror_write_bypass_bytes_total')!;
+    t.ok(bypassed > 0 && bypassed <= 8 * MiB, `nbdcopy's long writes went past the region (${bypassed} bytes), the short one did not`);
     t.equal(m.get('nbdmirror_replication_role{export="disk0",role="primary"}'), 1, 'a single node is primary');
     t.ok((m.get('process_resident_memory_bytes') ?? 0) > 0, 'process defaults are there');
 

@@ -223,14 +223,15 @@ async function sustained(t: Test, srv: ServerProcess, bigCount: number, smallByt
 }
 
 t.test('a 1 MiB region under 256 MiB of sustained writes: backpressure, no error, no deadlock', { timeout: 100_000 }, async (t) => {
-  const srv = await startServer(t, { args: ['--export', `disk0=${256 * MiB}`, '--pmem-size', '1M'] });
+  // --write-bypass 0: every write goes through the region (long ones would otherwise go past it).
+  const srv = await startServer(t, { args: ['--export', `disk0=${256 * MiB}`, '--pmem-size', '1M', '--write-bypass', '0'] });
   await sustained(t, srv, 6, 64 * MiB, 75_000);
   t.equal((await srv.stop()).code, 0, 'stops cleanly');
 });
 
 t.test('every page dirty until writers force them out (--writeback-high 100 --writeback-low 99, pmem durability)', { timeout: 80_000 }, async (t) => {
   const srv = await startServer(t, {
-    args: ['--export', `disk0=${96 * MiB}`, '--pmem-size', '1M', '--writeback-high', '100', '--writeback-low', '99', '--writeback-max-age', '60s', '--durability', 'pmem'],
+    args: ['--export', `disk0=${96 * MiB}`, '--pmem-size', '1M', '--writeback-high', '100', '--writeback-low', '99', '--writeback-max-age', '60s', '--durability', 'pmem', '--write-bypass', '0'],
   });
   // A first burst that fits: the pages stay dirty (nothing reaches the watermark or the age limit).
   const c = await connect(srv);
@@ -267,7 +268,7 @@ function oldOrNew(got: Buffer, neu: Buffer): boolean {
 }
 
 t.test('region file removed after a crash: a new region, flushed data intact', async (t) => {
-  const args = ['--export', `disk0=${64 * MiB}`, '--pmem-size', '4M', '--writeback-max-age', '60s'];
+  const args = ['--export', `disk0=${64 * MiB}`, '--pmem-size', '4M', '--writeback-max-age', '60s', '--write-bypass', '0'];
   const srv = await startServer(t, { args });
   const dataDir = srv.dataDir;
   const flushed = randomBytes(6 * MiB + 1234);
@@ -291,7 +292,7 @@ t.test('region file removed after a crash: a new region, flushed data intact', a
 });
 
 t.test('region file with a damaged header: exit 1 naming the file, backing untouched; moved away, the server starts', async (t) => {
-  const args = ['--export', `disk0=${64 * MiB}`, '--pmem-size', '4M', '--writeback-max-age', '60s'];
+  const args = ['--export', `disk0=${64 * MiB}`, '--pmem-size', '4M', '--writeback-max-age', '60s', '--write-bypass', '0'];
   const srv = await startServer(t, { args });
   const dataDir = srv.dataDir;
   const flushed = randomBytes(4 * MiB);
@@ -332,7 +333,7 @@ t.test('region file with a damaged header: exit 1 naming the file, backing untou
 });
 
 t.test('a damaged page in the region is counted as torn; every other page recovers', async (t) => {
-  const args = ['--export', `disk0=${64 * MiB}`, '--pmem-size', '4M', '--writeback-max-age', '60s'];
+  const args = ['--export', `disk0=${64 * MiB}`, '--pmem-size', '4M', '--writeback-max-age', '60s', '--write-bypass', '0'];
   const srv = await startServer(t, { args });
   const dataDir = srv.dataDir;
   const BLOCKS = 64;
@@ -377,7 +378,7 @@ t.test('a damaged page in the region is counted as torn; every other page recove
 });
 
 t.test('a clean stop writes everything back and removes the region file', async (t) => {
-  const args = ['--export', `disk0=${64 * MiB}`, '--pmem-size', '4M', '--writeback-max-age', '60s'];
+  const args = ['--export', `disk0=${64 * MiB}`, '--pmem-size', '4M', '--writeback-max-age', '60s', '--write-bypass', '0'];
   const srv = await startServer(t, { args });
   const dataDir = srv.dataDir;
   const data = randomBytes(1 * MiB + 777);

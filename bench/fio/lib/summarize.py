@@ -8,7 +8,8 @@ Input (written by nbd-bench.sh into RUN_DIR):
 
 Output:
   summary.md   Markdown: machine facts, main table (median and min-max across
-               reps), ratio matrix vs. the baseline target, target table, notes
+               reps), ratio matrix vs. the baseline target, peak RSS per server,
+               target table, notes
   summary.json the same numbers, machine readable
 
 Usage: summarize.py RUN_DIR [--baseline NAME]
@@ -31,11 +32,14 @@ WORKLOAD_INFO = {
     "read_1m_qd8": ("fio", "1 MiB sequential read, QD8"),
     "write_1m_qd8": ("fio", "1 MiB sequential write, QD8"),
     "randrw70_4k_qd16": ("fio", "4 KiB random 70/30 read/write, QD16"),
+    "randrw70_4k_2x16": ("fio", "4 KiB random 70/30 read/write, two connections (multi-conn) at QD16 each: "
+                                "fio numjobs=2, one NBD connection per job, group_reporting, so IOPS and MB/s "
+                                "are the sum over both connections and the latencies cover both"),
     "copy_in": ("copy", "nbdcopy file -> server (whole disk)"),
     "copy_out": ("copy", "nbdcopy server -> null: (whole disk)"),
 }
 NUMERIC = ["iops", "mbps", "p50_us", "p99_us", "p999_us", "mean_us", "seconds",
-           "srv_cores", "cli_cores", "foreign_cores", "steal_cores"]
+           "srv_cores", "cli_cores", "foreign_cores", "steal_cores", "srv_rss_mib"]
 
 
 def fnum(s):
@@ -75,6 +79,8 @@ def fmt_num(v, kind):
         return f"{v:.2f}"
     if kind == "cores":
         return f"{v:.2f}"
+    if kind == "mib":
+        return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
     return f"{v:g}"
 
 
@@ -140,6 +146,8 @@ def main():
                 elif WORKLOAD_INFO[w][0] == "copy" and mbps:
                     per.append(srv * 1e6 / mbps)  # CPU-us per MB
             entry["srv_us_per_op" if WORKLOAD_INFO[w][0] == "fio" else "srv_us_per_mb"] = stats(per)
+            # notes of fio rows (e.g. "no multi-conn advertised"); copy rows note their nbdcopy command
+            entry["notes"] = sorted({r.get("note") or "" for r in ok} - {""}) if WORKLOAD_INFO[w][0] == "fio" else []
             fr = [fnum(r.get("foreign_cores")) for r in ok]
             entry["noisy"] = sum(1 for v in fr if v is not None and v > noise_thr)
             entry["foreign_max"] = max([v for v in fr if v is not None], default=None)
@@ -156,7 +164,25 @@ def main():
         b, v = primary(w, baseline), primary(w, t)
         e["ratio_vs_baseline"] = (v / b) if (b and v is not None) else None
 
+    # Peak RSS of each server's process group: the maximum over every measurement (fio workloads and the
+    # nbdcopy copies, all reps) that recorded one (older results.tsv files have no srv_rss_mib column).
+    peak_rss = {}
+    for t in target_order:
+        meas = [(fnum(r.get("srv_rss_mib")), r) for r in rows
+                if r["target"] == t and r["status"] == "ok" and r["workload"] in WORKLOAD_INFO]
+        meas = [(v, r) for v, r in meas if v is not None]
+        if not meas:
+            peak_rss[t] = None
+            continue
+        v, r = max(meas, key=lambda m: m[0])
+        peak_rss[t] = {"mib": v, "workload": r["workload"], "rep": r["rep"],
+                       "median_over_measurements": statistics.median(m[0] for m in meas),
+                       "measurements": len(meas)}
+
     # ---- markdown ----------------------------------------------------------
+    # Workloads with more than one fio job (one NBD connection each), from nbd-bench.sh's WL_JOBS.
+    mj = [x.split("=", 1) for x in meta.get("config.multi_job_workloads", "").split() if "=" in x]
+    multi_jobs = "".join(f" ({w}: numjobs={n}, one NBD connection per job, group_reporting)" for w, n in mj)
     md = []
     md.append(f"# NBD benchmark run {meta.get('run.id', '?')}\n")
     md.append("## Machine and run facts\n")
@@ -167,7 +193,7 @@ def main():
         ("load at start", meta.get("host.loadavg_start", "?")),
         ("load at end", meta.get("host.busy_end", "?")),
         ("tools", "; ".join(f"{k.split('.', 1)[1]} {v}" for k, v in meta.items() if k.startswith("version."))),
-        ("fio settings", f"ioengine=nbd, numjobs=1, runtime {meta.get('config.runtime')} s + ramp "
+        ("fio settings", f"ioengine=nbd, numjobs=1{multi_jobs}, runtime {meta.get('config.runtime')} s + ramp "
                          f"{meta.get('config.ramp')} s per workload, norandommap, randrepeat=1; extra: "
                          f"`{meta.get('config.fio_extra') or 'none'}`"),
         ("disk", f"{meta.get('config.size')} per target; file-backed targets use a fresh sparse file (or a fresh "
@@ -183,12 +209,16 @@ def main():
     md.append("Cells are *median (min–max)* over the successful repetitions. MB/s = 10^6 B/s. "
               "Latencies are fio completion latency (clat) percentiles in µs. "
               "`srv CPU` = CPU cores used by the server process group during the measurement "
-              "(from /proc); `µs/op` = server CPU time per I/O (per MB for copies). "
+              "(from /proc); `µs/op` = server CPU time per I/O (per MB for copies); "
+              "`RSS MiB` = peak resident set size of the server process group during the measurement "
+              f"(sum of VmRSS, sampled every {meta.get('config.rss_sample_interval', '0.2')} s; median over reps). "
               f"`×base` = median IOPS (fio) or MB/s (copy) relative to **{baseline}**. "
               f"`noisy` = reps where other processes on the machine used more than {noise_thr} cores "
-              "during the measurement (max foreign load in brackets).\n")
+              "during the measurement (max foreign load in brackets); notes of the harness follow it "
+              "(e.g. `no multi-conn advertised` on a multi-connection workload).\n")
 
-    hdr = ["workload", "target", "IOPS", "MB/s", "p50 µs", "p99 µs", "time s", "srv CPU", "µs/op", "×base", "noisy"]
+    hdr = ["workload", "target", "IOPS", "MB/s", "p50 µs", "p99 µs", "time s", "srv CPU", "µs/op", "RSS MiB",
+           "×base", "noisy"]
     md.append("| " + " | ".join(hdr) + " |")
     md.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(hdr) - 2)) + "|")
     for w in workload_order:
@@ -209,6 +239,8 @@ def main():
                     noisy += f" [{e['foreign_max']:.2f}]"
             if e["failed"]:
                 noisy += " fail:" + ",".join(e["failed"])
+            if e["notes"]:
+                noisy += "; " + "; ".join(e["notes"])
             md.append("| " + " | ".join([
                 w, t,
                 cell(e["iops"], "iops") if kind == "fio" else "—",
@@ -218,6 +250,7 @@ def main():
                 cell(e["seconds"], "s") if kind == "copy" else "—",
                 cell(e["srv_cores"], "cores", show_range=False),
                 fmt_num(per["median"], "us") if per else "—",
+                cell(e["srv_rss_mib"], "mib", show_range=False),
                 f"{ratio:.2f}" if ratio is not None else "—",
                 noisy,
             ]) + " |")
@@ -244,6 +277,24 @@ def main():
         md.append("**Data verification** (read back after copy_in, cmp with source): " + "; ".join(
             f"{t} {'ok' if all(x.endswith(':ok') for x in v) else ' '.join(v)}" for t, v in ver.items()) + "\n")
 
+    if any(peak_rss.values()):
+        md.append("### Peak RSS per server (MiB, max over all workloads and reps)\n")
+        md.append("Resident set size of the server's whole process group (sum of VmRSS from /proc/PID/status "
+                  f"over its processes), sampled every {meta.get('config.rss_sample_interval', '0.2')} s during "
+                  "each measurement (fio workloads and the nbdcopy copies); `median` is the median of the "
+                  "per-measurement peaks.\n")
+        md.append("| target | peak RSS MiB | reached in | median MiB | measurements |")
+        md.append("|---|---:|---|---:|---:|")
+        for t in target_order:
+            p = peak_rss.get(t)
+            if not p:
+                md.append(f"| {t} | — | not measured (not started by the harness, or no successful measurement) "
+                          "| — | 0 |")
+                continue
+            md.append(f"| {t} | {fmt_num(p['mib'], 'mib')} | {p['workload']} rep {p['rep']} | "
+                      f"{fmt_num(p['median_over_measurements'], 'mib')} | {p['measurements']} |")
+        md.append("")
+
     md.append("### Targets\n")
     md.append("| target | kind | multi-conn | flush | fua | command / URI |")
     md.append("|---|---|---|---|---|---|")
@@ -268,6 +319,7 @@ def main():
         "targets": targets,
         "results": [agg[(w, t)] for w in workload_order for t in target_order],
         "verification": ver,
+        "peak_rss_mib": peak_rss,
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(out, f, indent=1)

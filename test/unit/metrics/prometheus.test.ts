@@ -17,6 +17,7 @@ function setup() {
   let snap: MetricsSnapshot = {
     region: { capacityPages: 1024, usedPages: 100, dirtyPages: 40, pageSize: 4096, backpressureWaits: 3, oldestDirtySeconds: 1.5 },
     writebackBytes: 1 << 20,
+    bypassBytes: 3 << 20,
     cache: { hits: 7, misses: 2, bytes: 8192, maxBytes: 1 << 26 },
     replication: [
       {
@@ -66,6 +67,7 @@ t.test('families, types and values read at scrape time', async (t) => {
     ['nbdmirror_region_dirty_pages', 'gauge'],
     ['nbdmirror_writeback_lag_seconds', 'gauge'],
     ['nbdmirror_writeback_bytes_total', 'counter'],
+    ['nbdmirror_write_bypass_bytes_total', 'counter'],
     ['nbdmirror_cache_hits_total', 'counter'],
     ['nbdmirror_replication_link_state', 'gauge'],
     ['nbdmirror_replication_split_brain', 'gauge'],
