@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=4
 // nbdmirror-server: parse the config, start the node, stop gracefully on SIGTERM/SIGINT.
 // Exit codes: 0 clean stop, 1 failure at start or run time, 2 bad usage (flags, sizes, config file).
 

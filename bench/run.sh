@@ -116,7 +116,7 @@ HELP=$(node "$SERVER" --help 2>&1 || true)
 grep -q -- --data-dir <<<"$HELP" || { say "'node $SERVER --help' failed:"; printf '%s\n' "$HELP" | head -n5 >&2; exit 1; }
 has_flag() { grep -q -- "$1" <<<"$HELP"; }
 
-BASE="mkdir -p {datadir}/data{PMEMDIR_MK} && exec node $SERVER --listen 127.0.0.1:{port} --http 127.0.0.1:0"
+BASE="mkdir -p {datadir}/data{PMEMDIR_MK} && exec node --max-semi-space-size=4 $SERVER --listen 127.0.0.1:{port} --http 127.0.0.1:0"
 BASE+=" --data-dir {datadir}/data --export disk0={size} --log-level warn"
 targets=()
 if has_flag --durability; then

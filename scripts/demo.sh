@@ -157,7 +157,7 @@ start_node() {
   [ -n "$PMEM_DIR" ] && mkdir -p "$PMEM_DIR/$name" && args+=(--pmem-dir "$PMEM_DIR/$name")
   local launcher=()
   command -v setsid >/dev/null && launcher=(setsid)
-  "${launcher[@]}" node dist/server.js "${args[@]}" "$@" >"$DIR/node-$name.log" 2>&1 </dev/null &
+  "${launcher[@]}" node --max-semi-space-size=4 dist/server.js "${args[@]}" "$@" >"$DIR/node-$name.log" 2>&1 </dev/null &
   PIDS+=("$!")
   NAMES+=("node-$name")
   echo "$!" >"$DIR/node-$name.pid"

@@ -4,7 +4,9 @@
 // - writeback selection: a sweep of the dirty-block bitmap vs iterating the index for dirty pages and sorting
 //   them (the first version);
 // - the page checksum: @node-rs/crc32 vs zlib's crc32;
-// - copying a 4 KiB payload into a page: TypedArray#set vs Buffer#copy.
+// - copying a 4 KiB payload into a page: TypedArray#set vs Buffer#copy;
+// - the read cache under 4 KiB random reads (a lookup, and on a miss a fill that evicts): blocks in one slab
+//   of slots vs a Buffer per cached block (the first version).
 //
 // Run: npm run bench:micro   (runs the codec and storage micro-benchmarks; BENCH_MS=50 for longer samples)
 
@@ -12,6 +14,8 @@ import { crc32 as crc32Fast } from '@node-rs/crc32';
 import { crc32 as crc32Zlib } from 'node:zlib';
 import { BlockBitmap } from '../../lib/storage/block-bitmap';
 import { BlockIndex } from '../../lib/storage/block-index';
+import { ReadCache } from '../../lib/storage/read-cache';
+import { LRUCache } from 'lru-cache';
 import { check, compare, report } from './harness';
 
 const PAGE = 4096;
@@ -131,6 +135,31 @@ function main(): void {
   const pages = Array.from({ length: 1024 }, (_, i) => region.subarray(i * PAGE, (i + 1) * PAGE));
   let n = 0;
   compare('copy a 4 KiB payload into a region page', ['current: TypedArray#set', () => pages[n++ & 1023]!.set(page)], [['alt: Buffer#copy', () => void page.copy(pages[n++ & 1023]!, 0, 0, PAGE)]]);
+
+  // The read cache in the suite's geometry (64 MiB = 16384 blocks of a 1 GiB export): each op reads a random
+  // block; a miss inserts it (evicting the least recently used one), as a random read that missed does.
+  const CACHE = 64 << 20;
+  const slab = new ReadCache(CACHE);
+  const perBlock = new LRUCache<number, Buffer>({ maxSize: CACHE, sizeCalculation: () => PAGE });
+  const dst = Buffer.alloc(PAGE);
+  const slabRnd = lcg(7);
+  const perBlockRnd = lcg(7);
+  const viaSlab = (): void => {
+    const b = slabRnd() % BLOCKS;
+    if (!slab.readInto(0, b, dst, 0)) slab.insert(0, b, page);
+  };
+  const viaBuffers = (): void => {
+    const b = perBlockRnd() % BLOCKS;
+    const hit = perBlock.get(b);
+    if (hit !== undefined) hit.copy(dst);
+    else perBlock.set(b, Buffer.from(page));
+  };
+  for (let i = 0; i < 40_000; i++) {
+    viaSlab();
+    viaBuffers();
+  }
+  check(slab.bytes === perBlock.calculatedSize, 'both caches full to the same size');
+  compare('read cache: 4 KiB random reads, fill on a miss (1 in 16 hits)', ['current: slots in one slab', viaSlab], [['alt: a Buffer per block (first version)', viaBuffers]]);
 
   report('storage micro-benchmark', `(writeback rows: ns per picked page; sink ${sink % 997})`);
 }

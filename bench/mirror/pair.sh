@@ -85,7 +85,7 @@ mkdir -p "$DIR/a/data" "$DIR/a/pmem" "$DIR/b/data" "$DIR/b/pmem"
 common=(--export "disk0=$SIZE" ${PEER_TIMEOUT:+--peer-timeout "$PEER_TIMEOUT"} "${EXTRA[@]}")
 
 # The guard: the secondary's parent (see "Stopping" above).
-setpriv --pdeathsig TERM -- bash "${BASH_SOURCE[0]}" --guard "$$" node "$SERVER" --node-id b --role secondary \
+setpriv --pdeathsig TERM -- bash "${BASH_SOURCE[0]}" --guard "$$" node --max-semi-space-size=4 "$SERVER" --node-id b --role secondary \
   --listen "127.0.0.1:$SNBD" --http "127.0.0.1:$SHTTP" \
   --peer "nbd://127.0.0.1:$PORT" --peer-http "http://127.0.0.1:$PHTTP" \
   --data-dir "$DIR/b/data" --pmem-dir "$DIR/b/pmem" "${common[@]}" </dev/null &
@@ -122,7 +122,7 @@ python3 "$HERE/repl.py" wait-up "$SNBD" --timeout 20 --pid "$GPID" >&2 ||
 ) </dev/null &
 
 trap - EXIT TERM INT
-exec node "$SERVER" --node-id a --role primary \
+exec node --max-semi-space-size=4 "$SERVER" --node-id a --role primary \
   --listen "127.0.0.1:$PORT" --http "127.0.0.1:$PHTTP" \
   --peer "nbd://127.0.0.1:$SNBD" --peer-http "http://127.0.0.1:$SHTTP" \
   --data-dir "$DIR/a/data" --pmem-dir "$DIR/a/pmem" "${common[@]}" </dev/null

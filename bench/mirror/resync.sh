@@ -108,8 +108,8 @@ mkdir -p "$WORK" || die "cannot create $WORK"
 # start_node NAME LOG ARGS...: node SERVER ARGS in the background; its parent-death signal is SIGTERM.
 start_node() {
   local name=$1 logf=$2; shift 2
-  echo "node $SERVER $*" >>"$logf"
-  setpriv --pdeathsig TERM -- node "$SERVER" "$@" >>"$logf" 2>&1 </dev/null &
+  echo "node --max-semi-space-size=4 $SERVER $*" >>"$logf"
+  setpriv --pdeathsig TERM -- node --max-semi-space-size=4 "$SERVER" "$@" >>"$logf" 2>&1 </dev/null &
   PID[$name]=$!
 }
 # running PID: the process exists and is not a zombie.
