@@ -113,7 +113,14 @@ def link_events(run_dir, mirror):
                                                or "peer" in msg):
                 continue
             t = e.get("time", 0) / 1000.0
-            during = [w for (a, b, r, w) in windows if a - 0.5 <= t <= b + 0.5]
+            r = int(rep.group(1)) if rep else None
+            rep_end = max((b for (a, b, rr, w) in windows if rr == r), default=None)
+            if rep_end is not None and t > rep_end:
+                # After the rep's last measurement: the harness stops both nodes at once (SIGTERM to the
+                # pair's process group), and a secondary that goes first fails the primary's last FLUSH. No
+                # figure is affected.
+                continue
+            during = [w for (a, b, rr, w) in windows if a - 0.5 <= t <= b + 0.5]
             events.append({"rep": int(rep.group(1)) if rep else None, "time": t, "msg": msg,
                            "detail": e.get("err"), "during": during[0] if during else None})
     return events

@@ -875,6 +875,31 @@ t.test('random model test: long writes bypass the region (larger export, bypass 
   await modelRun(t, { seed: 31337, batches: 300, size: 4 * MiB, durability: 'disk', checkBackingOnFlush: true, syncBacking: true, bypassMin: 8 * PS, bypass: true });
 });
 
+t.test('a long read with resident pages between its misses reads the backing device once, and keeps the region\'s data', async (t) => {
+  const s = await stack(t, { size: 4 * MiB, cacheBytes: 0 });
+  const { layer, dev } = s;
+  const old = pattern(256 * KiB, 1);
+  await dev.inner.pwrite(old, 0); // the backing device: the old version of every page
+  const expect = Buffer.alloc(512 * KiB); // beyond the first 256 KiB: never written, zeros
+  old.copy(expect);
+  for (let b = 0; b < 64; b += 4) {
+    // Every fourth page newer in the region (dirty: the backing device still has the old bytes there).
+    const p = pattern(PS, 100 + b);
+    await layer.pwrite(p, b * PS);
+    p.copy(expect, b * PS);
+  }
+  const reads = dev.reads;
+  const got = await read(layer, 0, 256 * KiB); // the async path (what a long READ takes)
+  t.ok(got.equals(expect.subarray(0, 256 * KiB)), 'the resident pages come from the region, the rest from the backing device');
+  t.equal(dev.reads - reads, 1, 'one backing read for the 16 runs of misses');
+  // Sparse misses (less than half the span) are read run by run instead.
+  for (let b = 64; b < 128; b++) if (b % 16 !== 0) await layer.pwrite(pattern(PS, 300 + b), b * PS);
+  for (let b = 64; b < 128; b++) if (b % 16 !== 0) pattern(PS, 300 + b).copy(expect, b * PS);
+  const before = dev.reads;
+  t.ok((await read(layer, 0, 512 * KiB)).subarray(256 * KiB).equals(expect.subarray(256 * KiB, 512 * KiB)), 'sparse misses read right');
+  t.ok(dev.reads - before > 1, `sparse misses: ${dev.reads - before} backing reads`);
+});
+
 t.test('extents: resident pages are data, trimmed pages holes, zero with and without trim', async (t) => {
   const s = await stack(t, { size: 64 * PS });
   const { layer } = s;
