@@ -92,9 +92,10 @@ export class PmemLayer implements BlockDevice {
    * process as well as the region does, and saves a copy, a checksum and the later writeback per page, which
    * streaming writes otherwise pay through a region far smaller than the export (bcache bypasses its cache
    * for sequential I/O for the same reason). No older version of a block may land after it: the write is
-   * refused while any block of it is resident, being written back, queued for a read-modify-write, or while
-   * a TRIM/WRITE_ZEROES (whose detached pages recovery could still write back) is under way. FLUSH and FUA
-   * then also flush the backing file, in pmem durability too (see makeDurable).
+   * refused while any block of it is dirty in the region, being written back, queued for a read-modify-write,
+   * or while a TRIM/WRITE_ZEROES (whose detached pages recovery could still write back) is under way; clean
+   * pages of it leave the region first. FLUSH and FUA then also flush the backing file, in pmem durability
+   * too (see makeDurable).
    */
   private bypass(buf: Buffer, offset: number, first: number, last: number): boolean {
     const e = this.e;
@@ -104,12 +105,38 @@ export class PmemLayer implements BlockDevice {
     if (end % PAGE_SIZE !== 0 && end !== this.size) return false;
     const busy = e.writing.nextSet(first);
     if (busy >= 0 && busy <= last) return false;
-    if (e.index.size !== 0) for (let b = first; b <= last; b++) if (e.index.has(b)) return false;
     if (this.pending.size !== 0) for (const b of this.pending.keys()) if (b >= first && b <= last) return false;
+    if (e.index.size !== 0 && !this.dropCleanPages(first, last)) return false;
     if (!pwriteNow.call(e.backing, [buf], offset)) return false;
     e.generation++; // a read of these blocks in flight must not fill the cache with what it read before
     this.bypassedSinceFlush = true;
     this.store.bypassBytes += buf.length;
+    return true;
+  }
+
+  /**
+   * For a bypass: the resident pages of blocks first..last leave the region, if all of them are clean (equal
+   * to the backing file) and no writeback reads them; false (nothing changed) otherwise. They go before the
+   * backing write, so that a crash after it cannot recover their older bytes over it.
+   */
+  private dropCleanPages(first: number, last: number): boolean {
+    const e = this.e;
+    const s = this.store;
+    const r = s.region;
+    let any = false;
+    for (let b = first; b <= last; b++) {
+      const slot = e.index.get(b);
+      if (slot === undefined) continue;
+      if (r.slotState[slot] !== SLOT_CLEAN || r.slotPins[slot] !== 0) return false;
+      any = true;
+    }
+    if (!any) return true;
+    for (let b = first; b <= last; b++) {
+      const slot = e.index.get(b);
+      if (slot === undefined) continue;
+      e.index.delete(b);
+      s.retire(slot);
+    }
     return true;
   }
 

@@ -852,6 +852,33 @@ t.test('bypass is refused: short, unaligned, a resident block, a TRIM under way;
   t.ok((await dev.raw(0, 4 * MiB)).equals(expect), 'and the backing device holds it after close');
 });
 
+t.test('bypass over clean resident pages: they leave the region first, so a crash cannot bring them back', async (t) => {
+  const s = await stack(t, { size: 4 * MiB, durability: 'pmem', bypassMin: 64 * KiB });
+  const { layer, dev } = s;
+  const old = pattern(128 * KiB, 1);
+  await layer.pwrite(old.subarray(0, 60 * KiB), 0); // short: into the region
+  await s.wb.flushExport(s.se); // written back: clean pages
+  t.ok(s.se.index.size > 0 && s.store.dirtyCount === 0, `${s.se.index.size} clean pages resident`);
+  const fresh = pattern(128 * KiB, 2);
+  await layer.pwrite(fresh, 0);
+  t.equal(s.store.bypassBytes, 128 * KiB, 'bypassed although clean pages of it were resident');
+  t.equal(s.se.index.size, 0, 'the clean pages left the region');
+  t.ok((await read(layer, 0, 128 * KiB)).equals(fresh), 'reads see the new data');
+  // A dirty page in the range keeps the write in the region.
+  await layer.pwrite(pattern(PS, 3), 256 * KiB);
+  await layer.pwrite(pattern(128 * KiB, 4), 256 * KiB);
+  t.equal(s.store.bypassBytes, 128 * KiB, 'a dirty page: no bypass');
+  // Crash now: recovery must not write the dropped clean pages' old bytes over the bypassed write.
+  await s.crash();
+  let report: RecoveryReport | null = null;
+  const { region } = await PmemRegion.open({ file: s.file, nodeUuid: s.uuid, size: MIN_PAGES * PS, writeBack: async (r) => void (report = r) });
+  t.teardown(() => region.close());
+  const blocks = (report as RecoveryReport | null)?.pages.map((p) => p.block) ?? [];
+  t.ok(blocks.includes(64), 'the dirty page was recovered (the report lists pages by block)');
+  t.ok(blocks.every((b) => b >= 64), `no recovered page of the bypassed blocks 0..31 (recovered blocks: ${blocks.length})`);
+  t.ok((await dev.raw(0, 128 * KiB)).equals(fresh), 'the backing device holds the bypassed write');
+});
+
 t.test('bypass: a read in flight when a bypassed write lands does not leave its old data in the cache', async (t) => {
   const s = await stack(t, { size: 4 * MiB, bypassMin: 64 * KiB, cacheBytes: 1 * MiB });
   const { layer, dev } = s;
