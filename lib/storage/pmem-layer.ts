@@ -37,6 +37,8 @@ export class PmemLayer implements BlockDevice {
   /** Blocks with a read-modify-write (or trim) under way: later writes to them queue behind it. */
   private readonly pending = new Map<number, Promise<void>>();
   private readonly zeroPage = Buffer.alloc(PAGE_SIZE);
+  /** preadNow's miss runs (see takeAtHand). */
+  private readonly nowMisses: number[] = [];
   /** TRIM/WRITE_ZEROES under way (their pages are detached but still recoverable): no bypass meanwhile. */
   private dropping = 0;
   /** A write went straight to the backing file since the last FLUSH began (pmem durability must flush it). */
@@ -246,69 +248,25 @@ export class PmemLayer implements BlockDevice {
   // Reads
 
   async pread(buf: Buffer, offset: number): Promise<void> {
-    const s = this.store;
-    const r = s.region;
     const e = this.e;
-    const misses: Array<{ pos: number; off: number; len: number }> = [];
-    let pos = 0;
-    while (pos < buf.length) {
-      const off = offset + pos;
-      const block = Math.floor(off / PAGE_SIZE);
-      const inPage = off - block * PAGE_SIZE;
-      const n = Math.min(PAGE_SIZE - inPage, buf.length - pos);
-      const slot = e.index.get(block);
-      if (slot !== undefined) {
-        r.page(slot).copy(buf, pos, inPage, inPage + n);
-      } else if (!s.cache.readInto(e.id, block, buf, pos, inPage, inPage + n)) {
-        const m = misses[misses.length - 1];
-        if (m && m.pos + m.len === pos) m.len += n;
-        else misses.push({ pos, off, len: n });
-      }
-      pos += n;
-    }
+    const misses: number[] = [];
+    this.takeAtHand(buf, offset, misses);
     if (misses.length === 0) return;
     const generation = e.generation;
-    if (misses.length > 1 && this.denseMisses(misses)) {
+    if (misses.length > 3 && denseMisses(misses)) {
       await this.readSpan(buf, misses);
     } else {
-      await Promise.all(misses.map((m) => e.backing.pread(m.pos === 0 && m.len === buf.length ? buf : buf.subarray(m.pos, m.pos + m.len), m.off)));
+      const reads: Array<Promise<void>> = [];
+      for (let i = 0; i < misses.length; i += 3) {
+        const pos = misses[i]!;
+        const len = misses[i + 2]!;
+        reads.push(e.backing.pread(pos === 0 && len === buf.length ? buf : buf.subarray(pos, pos + len), misses[i + 1]!));
+      }
+      await Promise.all(reads);
     }
     // Keep whole pages in the cache, unless the export changed while we read (the data may be stale).
     if (e.generation !== generation || buf.length > CACHE_FILL_MAX) return;
-    for (const m of misses) this.fillCache(buf, m.pos, m.len, m.off);
-  }
-
-  /**
-   * Several runs of misses (resident pages in between: a long read through a region that holds part of the
-   * export) are read from the backing file in one read of their whole span, not one read each: every async
-   * read is a thread-pool hand-off, and a 1 MiB read beside a busy region split into dozens. The bytes
-   * between the runs, already taken from the region or the cache when the read began, are kept aside and put
-   * back over what the backing file returned for them (possibly an older version).
-   */
-  /** Misses make up at least half their span: reading the span at once reads at most as much again. */
-  private denseMisses(misses: ReadonlyArray<{ pos: number; len: number }>): boolean {
-    let bytes = 0;
-    for (const m of misses) bytes += m.len;
-    const last = misses[misses.length - 1]!;
-    return 2 * bytes >= last.pos + last.len - misses[0]!.pos;
-  }
-
-  private async readSpan(buf: Buffer, misses: ReadonlyArray<{ pos: number; off: number; len: number }>): Promise<void> {
-    const first = misses[0]!;
-    const last = misses[misses.length - 1]!;
-    const start = first.pos;
-    const end = last.pos + last.len;
-    let missBytes = 0;
-    for (const m of misses) missBytes += m.len;
-    const kept = Buffer.allocUnsafe(end - start - missBytes);
-    let k = 0;
-    for (let i = 1; i < misses.length; i++) k += buf.copy(kept, k, misses[i - 1]!.pos + misses[i - 1]!.len, misses[i]!.pos);
-    await this.e.backing.pread(buf.subarray(start, end), first.off);
-    k = 0;
-    for (let i = 1; i < misses.length; i++) {
-      const from = misses[i - 1]!.pos + misses[i - 1]!.len;
-      k += kept.copy(buf, from, k, k + (misses[i]!.pos - from));
-    }
+    for (let i = 0; i < misses.length; i += 3) this.fillCache(buf, misses[i]!, misses[i + 2]!, misses[i + 1]!);
   }
 
   /**
@@ -319,12 +277,28 @@ export class PmemLayer implements BlockDevice {
   preadNow(buf: Buffer, offset: number): boolean {
     const backing = this.e.backing;
     if (backing.preadNow === undefined) return false;
+    const misses = this.nowMisses; // synchronous, so one array serves every call
+    misses.length = 0;
+    this.takeAtHand(buf, offset, misses);
+    const fill = buf.length <= CACHE_FILL_MAX;
+    for (let i = 0; i < misses.length; i += 3) {
+      const pos = misses[i]!;
+      const off = misses[i + 1]!;
+      const len = misses[i + 2]!;
+      if (!backing.preadNow(pos === 0 && len === buf.length ? buf : buf.subarray(pos, pos + len), off)) return false;
+      if (fill) this.fillCache(buf, pos, len, off);
+    }
+    return true;
+  }
+
+  /**
+   * Copy into buf what the region and the read cache hold of [offset, offset+buf.length), and append the rest
+   * to misses as runs: flat triples (position in buf, export offset, length), adjacent misses merged.
+   */
+  private takeAtHand(buf: Buffer, offset: number, misses: number[]): void {
     const s = this.store;
     const r = s.region;
     const e = this.e;
-    // The current run of misses: buf[missPos, pos) holds the bytes at missOff.
-    let missPos = -1;
-    let missOff = 0;
     let pos = 0;
     while (pos < buf.length) {
       const off = offset + pos;
@@ -332,29 +306,38 @@ export class PmemLayer implements BlockDevice {
       const inPage = off - block * PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, buf.length - pos);
       const slot = e.index.get(block);
-      let hit = true;
-      if (slot !== undefined) r.page(slot).copy(buf, pos, inPage, inPage + n);
-      else hit = s.cache.readInto(e.id, block, buf, pos, inPage, inPage + n);
-      if (!hit) {
-        if (missPos < 0) {
-          missPos = pos;
-          missOff = off;
-        }
-      } else if (missPos >= 0) {
-        if (!this.missNow(buf, missPos, pos - missPos, missOff)) return false;
-        missPos = -1;
+      if (slot !== undefined) {
+        r.page(slot).copy(buf, pos, inPage, inPage + n);
+      } else if (!s.cache.readInto(e.id, block, buf, pos, inPage, inPage + n)) {
+        const k = misses.length;
+        if (k !== 0 && misses[k - 3]! + misses[k - 1]! === pos) misses[k - 1]! += n;
+        else misses.push(pos, off, n);
       }
       pos += n;
     }
-    return missPos < 0 || this.missNow(buf, missPos, pos - missPos, missOff);
   }
 
-  /** Read buf[pos, pos+len) from the backing file at off without waiting, and cache it; false if it cannot. */
-  private missNow(buf: Buffer, pos: number, len: number, off: number): boolean {
-    const part = pos === 0 && len === buf.length ? buf : buf.subarray(pos, pos + len);
-    if (!this.e.backing.preadNow!(part, off)) return false;
-    if (buf.length <= CACHE_FILL_MAX) this.fillCache(buf, pos, len, off);
-    return true;
+  /**
+   * Several runs of misses (resident pages in between: a long read through a region that holds part of the
+   * export) are read from the backing file in one read of their whole span, not one read each: every async
+   * read is a thread-pool hand-off, and a 1 MiB read beside a busy region split into dozens. The bytes
+   * between the runs, already taken from the region or the cache when the read began, are kept aside and put
+   * back over what the backing file returned for them (possibly an older version).
+   */
+  private async readSpan(buf: Buffer, misses: readonly number[]): Promise<void> {
+    const start = misses[0]!;
+    const k = misses.length;
+    const end = misses[k - 3]! + misses[k - 1]!;
+    const gaps = end - start - missBytes(misses);
+    const kept = Buffer.allocUnsafe(gaps);
+    let at = 0;
+    for (let i = 3; i < k; i += 3) at += buf.copy(kept, at, misses[i - 3]! + misses[i - 1]!, misses[i]!);
+    await this.e.backing.pread(buf.subarray(start, end), misses[1]!);
+    at = 0;
+    for (let i = 3; i < k; i += 3) {
+      const from = misses[i - 3]! + misses[i - 1]!;
+      at += kept.copy(buf, from, at, at + (misses[i]! - from));
+    }
   }
 
   /** Put the whole, non-resident pages of buf[pos, pos+len) (the bytes at off) in the read cache. */
@@ -526,6 +509,19 @@ export class PmemLayer implements BlockDevice {
 function copyInto(dst: Buffer, at: number, src: Buffer, pos: number, n: number): void {
   if (pos === 0 && n === src.length) dst.set(src, at);
   else src.copy(dst, at, pos, pos + n);
+}
+
+/** Bytes in miss runs (flat triples: position, offset, length). */
+function missBytes(misses: readonly number[]): number {
+  let bytes = 0;
+  for (let i = 2; i < misses.length; i += 3) bytes += misses[i]!;
+  return bytes;
+}
+
+/** The misses make up at least half their span: reading the span at once reads at most as much again. */
+function denseMisses(misses: readonly number[]): boolean {
+  const k = misses.length;
+  return 2 * missBytes(misses) >= misses[k - 3]! + misses[k - 1]! - misses[0]!;
 }
 
 /** Mark the (sorted) resident blocks as data within backing extents that start at offset. */
