@@ -408,16 +408,7 @@ export class Connection {
 
   private async read(dev: BlockDevice, req: Request): Promise<void> {
     const { offset, length, cookie } = req;
-    if (!this.structured) {
-      const buf = this.payloadBuffer(length);
-      if (length > 0) await dev.pread(buf, offset);
-      if (this.closedForReplies()) return;
-      this.replySimple(cookie, 0);
-      this.replyData(buf);
-      this.sentPooled(buf);
-      return;
-    }
-    if (length === 0) {
+    if (this.structured && length === 0) {
       if (this.closedForReplies()) return;
       const at = this.reserve(STRUCTURED_REPLY_HEADER_SIZE); // before reading this.slab: reserve may replace it
       encodeNoneChunk(cookie, this.slab, at);
@@ -425,10 +416,9 @@ export class Connection {
     }
     const extents = this.wantsHoles(dev, req) ? await dev.extents(offset, length) : null;
     const buf = this.payloadBuffer(length);
-    await dev.pread(buf, offset);
+    if (length > 0) await dev.pread(buf, offset);
     if (this.closedForReplies()) return;
-    this.replyChunks(cookie, offset, length, extents, buf);
-    this.sentPooled(buf);
+    this.replyRead(cookie, offset, length, extents, buf);
   }
 
   /** A structured READ reply reports holes as OFFSET_HOLE chunks, unless the client asked for one chunk (DF). */
@@ -473,6 +463,12 @@ export class Connection {
       this.deps.buffers?.give(buf); // nothing else holds it
       return false;
     }
+    this.replyRead(cookie, offset, length, extents, buf);
+    return true;
+  }
+
+  /** Queue the reply of a READ whose bytes are in buf (from payloadBuffer): structured chunks or simple. */
+  private replyRead(cookie: bigint, offset: number, length: number, extents: Extent[] | null, buf: Buffer): void {
     if (this.structured) {
       this.replyChunks(cookie, offset, length, extents, buf);
     } else {
@@ -480,7 +476,6 @@ export class Connection {
       this.replyData(buf);
     }
     this.sentPooled(buf);
-    return true;
   }
 
   /** A structured READ reply of buf: holes (per extents, if given) as OFFSET_HOLE, the rest as OFFSET_DATA. */
