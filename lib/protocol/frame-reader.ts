@@ -69,6 +69,23 @@ export class FrameReader {
     return n;
   }
 
+  /**
+   * Copy the unread bytes into a buffer of their own and drop every chunk, so the memory the chunks live in
+   * may be reused (a socket reading into the same buffer again).
+   */
+  detach(): void {
+    if (this.chunks.length === 0) return;
+    if (this.total === 0) {
+      this.chunks = [];
+      this.head = 0;
+      return;
+    }
+    const out = Buffer.allocUnsafe(this.total);
+    this.copyOut(out, 0, this.total, false);
+    this.chunks = [out];
+    this.head = 0;
+  }
+
   /** Discard up to max bytes; returns how many were discarded (draining a refused payload). */
   skip(max: number): number {
     const n = Math.min(max, this.total);

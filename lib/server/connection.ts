@@ -59,6 +59,7 @@ import {
   tooBigReply,
 } from './negotiate';
 import type { BufferPool } from './buffer-pool';
+import type { ReceiveBuffer, ReceiveBuffers } from './receive-buffers';
 import { type ValidateContext, validateRequest } from './validate';
 
 /** A client must finish the handshake within this many ms (a slow or idle handshake holds a slot). */
@@ -98,6 +99,11 @@ export interface ConnectionDeps {
   log: Logger;
   /** Where long READ payload buffers come from (fresh ones otherwise). */
   buffers?: BufferPool;
+  /**
+   * The socket reads into these (net.Socket's onread, set up by the listener) and hands each read to
+   * receive(), instead of emitting 'data' with a fresh buffer per read.
+   */
+  rx?: ReceiveBuffers;
 }
 
 export class Connection {
@@ -136,7 +142,7 @@ export class Connection {
   ) {
     this.log = deps.log;
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    if (deps.rx === undefined) socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('drain', () => this.maybeResume());
     socket.on('error', (err) => this.log.debug({ err }, 'socket error'));
     socket.on('close', () => this.onSocketClose());
@@ -163,6 +169,15 @@ export class Connection {
 
   // ---------------------------------------------------------------------------------------------------------
   // Receive path
+
+  /**
+   * One socket read that landed in a buffer of deps.rx. Once it is processed, whatever is left unread is
+   * copied out of that buffer, which the next read may overwrite.
+   */
+  receive(chunk: Buffer): void {
+    this.onData(chunk);
+    this.reader.detach();
+  }
 
   private onData(chunk: Buffer): void {
     if (this.phase === 'finishing' || this.phase === 'closed') return;
@@ -225,7 +240,7 @@ export class Connection {
     }
     if (this.reader.length < OPTION_HEADER_SIZE + hdr.length) return false;
     this.reader.consume(OPTION_HEADER_SIZE);
-    const data = this.reader.take(hdr.length)!;
+    const data = Buffer.from(this.reader.take(hdr.length)!); // its own copy: see receive()
     const out = handleOption(this.hs, hdr.option, data, { exports: this.deps.exports, shuttingDown: this.shuttingDown });
     this.log.debug({ option: nameOfOpt(hdr.option), next: out.next }, 'option');
     for (const r of out.replies) this.socket.write(r);
@@ -335,7 +350,11 @@ export class Connection {
     this.inFlight++;
     this.inFlightBytes += bytes;
     this.maybePause();
-    p.then(give === undefined ? undefined : () => give.give(payload!), (err: unknown) => this.replyError(req, err)).then(() => {
+    // A payload still in the receive buffer is pinned there until the device is done with it (as for `give`,
+    // only a success says so).
+    const held: ReceiveBuffer | null = !ownPayload && payload !== null && this.deps.rx !== undefined ? this.deps.rx.hold(payload) : null;
+    const ok = give !== undefined ? () => give.give(payload!) : held !== null ? () => this.deps.rx!.release(held) : undefined;
+    p.then(ok, (err: unknown) => this.replyError(req, err)).then(() => {
       // FLUSH and BLOCK_STATUS carry no data: their length is not counted as bytes.
       st?.end(req.type, req.type === NBD_CMD_FLUSH || req.type === NBD_CMD_BLOCK_STATUS ? 0 : req.length, t0);
       this.inFlight--;

@@ -7,6 +7,7 @@ import type { Logger } from '../log';
 import type { NodeRequestStats } from '../metrics/request-stats';
 import { BufferPool } from './buffer-pool';
 import { Connection } from './connection';
+import { ReceiveBuffers } from './receive-buffers';
 import type { ExportRegistry } from './exports';
 
 /** Connections served at once; past this new ones are closed at accept. */
@@ -28,7 +29,8 @@ export class NbdServer {
     /** Connection counters for the metrics (none: not counted). */
     private readonly stats?: NodeRequestStats,
   ) {
-    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // Paused at accept: reading starts only once the socket reads into the connection's own buffers (adopt).
+    this.server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
   }
 
   /** Listen on addr (port 0 picks a free port); resolves with the bound address. */
@@ -56,7 +58,10 @@ export class NbdServer {
     const id = this.nextId++;
     const log = this.log.child({ conn: id });
     log.info({ remote: `${socket.remoteAddress}:${socket.remotePort}` }, 'connection accepted');
-    const conn = new Connection(socket, { exports: this.exports, log, buffers: this.readBuffers });
+    const rx = new ReceiveBuffers();
+    let conn: Connection | null = null;
+    const adopted = adoptWithBuffers(socket, rx, (chunk) => conn!.receive(chunk));
+    conn = new Connection(adopted, { exports: this.exports, log, buffers: this.readBuffers, rx });
     this.connections.add(conn);
     const st = this.stats;
     if (st) {
@@ -80,4 +85,20 @@ export class NbdServer {
     })();
     return this.stopping;
   }
+}
+
+/**
+ * The accepted socket's connection as a socket that reads into `rx`'s buffers and calls onChunk with each
+ * read (the bytes are valid during the call only). net.Server has no `onread` option, so the connection handle
+ * moves to a new net.Socket made with one (`handle` is the constructor option Node's own server uses). The
+ * accepted socket, left without a handle, is destroyed, which also takes it off the server's connection count:
+ * the Connection and NbdServer.connections track the new one. Reading starts in the new socket's constructor.
+ */
+function adoptWithBuffers(accepted: net.Socket, rx: ReceiveBuffers, onChunk: (chunk: Buffer) => void): net.Socket {
+  const a = accepted as net.Socket & { _handle: unknown };
+  const handle = a._handle;
+  a._handle = null;
+  accepted.destroy();
+  const opts = { handle, onread: { buffer: rx.next, callback: (n: number, buf: Buffer) => void onChunk(buf.subarray(0, n)) } };
+  return new net.Socket(opts as net.SocketConstructorOpts);
 }

@@ -258,3 +258,28 @@ t.test('random operations agree with a plain Buffer model', async (t) => {
   }
   t.equal(mismatches, 0, `${ops} random operations match the model`);
 });
+
+t.test('detach: unread bytes survive their chunks being overwritten', async (t) => {
+  for (const [cut, eaten] of [[10, 3], [10, 10], [1, 0], [7, 12]] as const) {
+    const r = new FrameReader();
+    const chunk = seq(20);
+    r.push(chunk.subarray(0, cut));
+    r.push(chunk.subarray(cut));
+    r.consume(eaten);
+    const want = Buffer.from(chunk.subarray(eaten));
+    r.detach();
+    chunk.fill(0xee); // the socket reads into the same buffer again
+    t.equal(r.length, want.length, `cut ${cut}, consumed ${eaten}: length kept`);
+    t.same(r.peek(r.length), want, `cut ${cut}, consumed ${eaten}: bytes kept`);
+    r.push(seq(5, 100));
+    t.same(r.take(want.length + 5), Buffer.concat([want, seq(5, 100)]), 'later input follows');
+  }
+  const empty = new FrameReader();
+  empty.detach();
+  t.equal(empty.length, 0);
+  const all = new FrameReader();
+  all.push(seq(8));
+  all.consume(8);
+  all.detach();
+  t.equal(all.peek(1), null, 'nothing left after detaching a fully read chunk');
+});
