@@ -12,7 +12,7 @@
 
 import { NotSupportedError } from '../errors';
 import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from './block-device';
-import { PAGE_SIZE, SLOT_CLEAN, type PmemStore, type StoreExport } from './pmem-store';
+import { PAGE_SIZE, SLOT_CLEAN, SLOT_DIRTY, type PmemStore, type StoreExport } from './pmem-store';
 import type { Writeback } from './writeback';
 
 export type Durability = 'disk' | 'pmem';
@@ -89,15 +89,17 @@ export class PmemLayer implements BlockDevice {
   }
 
   /**
-   * A long write of whole pages none of which is in the region goes straight to the backing file, if that
-   * takes it at once (BackingFile.pwriteNow: a copy into the OS page cache). That survives a crash of this
-   * process as well as the region does, and saves a copy, a checksum and the later writeback per page, which
-   * streaming writes otherwise pay through a region far smaller than the export (bcache bypasses its cache
-   * for sequential I/O for the same reason). No older version of a block may land after it: the write is
-   * refused while any block of it is dirty in the region, being written back, queued for a read-modify-write,
-   * or while a TRIM/WRITE_ZEROES (whose detached pages recovery could still write back) is under way; clean
-   * pages of it leave the region first. FLUSH and FUA then also flush the backing file, in pmem durability
-   * too (see makeDurable).
+   * A long write of whole pages goes straight to the backing file, if that takes it at once
+   * (BackingFile.pwriteNow: a copy into the OS page cache). That survives a crash of this process as well as
+   * the region does, and saves a copy, a checksum and the later writeback per page, which streaming writes
+   * otherwise pay through a region far smaller than the export (bcache bypasses its cache for sequential I/O
+   * for the same reason). No older version of a block may land after it: the write is refused while any
+   * block of it is being written back or queued for a read-modify-write, while a TRIM/WRITE_ZEROES (whose
+   * detached pages recovery could still write back) is under way, or while a page of it may not leave the
+   * region (see droppable). The range's resident pages leave the region right after the backing write, before
+   * the write is acknowledged: a crash in between recovers their older bytes over a write nobody was told
+   * about, which is allowed. FLUSH and FUA then also flush the backing file, in pmem durability too (see
+   * makeDurable).
    */
   private bypass(buf: Buffer, offset: number, first: number, last: number): boolean {
     const e = this.e;
@@ -108,8 +110,10 @@ export class PmemLayer implements BlockDevice {
     const busy = e.writing.nextSet(first);
     if (busy >= 0 && busy <= last) return false;
     if (this.pending.size !== 0) for (const b of this.pending.keys()) if (b >= first && b <= last) return false;
-    if (e.index.size !== 0 && !this.dropCleanPages(first, last)) return false;
+    const resident = e.index.size !== 0;
+    if (resident && !this.droppable(first, last)) return false;
     if (!pwriteNow.call(e.backing, [buf], offset)) return false;
+    if (resident) this.dropPages(first, last);
     e.generation++; // a read of these blocks in flight must not fill the cache with what it read before
     this.bypassedSinceFlush = true;
     this.store.bypassBytes += buf.length;
@@ -117,29 +121,35 @@ export class PmemLayer implements BlockDevice {
   }
 
   /**
-   * For a bypass: the resident pages of blocks first..last leave the region, if all of them are clean (equal
-   * to the backing file) and no writeback reads them; false (nothing changed) otherwise. They go before the
-   * backing write, so that a crash after it cannot recover their older bytes over it.
+   * For a bypass: whether the resident pages of blocks first..last may leave the region. None may be read by
+   * a writeback. A clean page may go. A dirty page may go in disk durability: it holds only data written since
+   * the last FLUSH (a FLUSH there writes back every dirty page before its fdatasync, so a FLUSH under way
+   * fdatasyncs the bypassed write too), which the write supersedes. In pmem durability a dirty page may be the
+   * only copy of flushed data until the bypassed write is synced, so the write goes through the region.
    */
-  private dropCleanPages(first: number, last: number): boolean {
+  private droppable(first: number, last: number): boolean {
     const e = this.e;
-    const s = this.store;
-    const r = s.region;
-    let any = false;
+    const r = this.store.region;
+    const dirtyOk = this.durability !== 'pmem';
     for (let b = first; b <= last; b++) {
       const slot = e.index.get(b);
       if (slot === undefined) continue;
-      if (r.slotState[slot] !== SLOT_CLEAN || r.slotPins[slot] !== 0) return false;
-      any = true;
+      if (r.slotPins[slot] !== 0) return false;
+      const st = r.slotState[slot];
+      if (st !== SLOT_CLEAN && !(dirtyOk && st === SLOT_DIRTY)) return false;
     }
-    if (!any) return true;
+    return true;
+  }
+
+  /** The resident pages of blocks first..last leave the region (their page table entries are cleared). */
+  private dropPages(first: number, last: number): void {
+    const e = this.e;
     for (let b = first; b <= last; b++) {
       const slot = e.index.get(b);
       if (slot === undefined) continue;
       e.index.delete(b);
-      s.retire(slot);
+      this.store.retire(slot);
     }
-    return true;
   }
 
   /** The pages of a write from pos on, the slow way: queued per block behind read-modify-writes and waits. */

@@ -120,11 +120,15 @@ class Hooked extends PassThroughDevice {
     return this.inner.extentsNow?.(offset, length) ?? null;
   }
 
+  /** While beforeWrite is set, synchronous writes this accepts still pass through (the rest go to pwrite). */
+  nowWhileHooked: ((offset: number, length: number) => boolean) | null = null;
+
   /** Synchronous writes (the writeback's long runs, the layer's bypass) pass through while no write hook is set. */
   pwriteNow(bufs: readonly Buffer[], offset: number): boolean {
-    if (this.beforeWrite || this.inner.pwriteNow === undefined || !this.inner.pwriteNow(bufs, offset)) return false;
     let length = 0;
     for (const b of bufs) length += b.length;
+    if (this.beforeWrite && !(this.nowWhileHooked?.(offset, length) ?? false)) return false;
+    if (this.inner.pwriteNow === undefined || !this.inner.pwriteNow(bufs, offset)) return false;
     this.writes.push({ offset, length });
     this.writesSinceFlush++;
     return true;
@@ -817,7 +821,7 @@ t.test('bypass: a long write of whole pages none of which is resident goes strai
   t.equal(s.store.bypassBytes, 256 * KiB + 128 * KiB, 'a write that ends at the export end');
 });
 
-t.test('bypass is refused: short, unaligned, a resident block, a TRIM under way; the data is right either way', async (t) => {
+t.test('bypass is refused: short, unaligned, a TRIM under way; the data is right either way', async (t) => {
   const s = await stack(t, { size: 4 * MiB, durability: 'disk', bypassMin: 64 * KiB });
   const { layer, dev } = s;
   const expect = Buffer.alloc(4 * MiB);
@@ -831,7 +835,7 @@ t.test('bypass is refused: short, unaligned, a resident block, a TRIM under way;
   t.equal(s.store.bypassBytes, 0, 'not page-aligned: through the region');
   await write(pattern(PS, 3), 1 * MiB + 8 * PS);
   await write(pattern(128 * KiB, 4), 1 * MiB);
-  t.equal(s.store.bypassBytes, 0, 'a block of it is resident: through the region (its older version must not land later)');
+  t.equal(s.store.bypassBytes, 128 * KiB, 'over a dirty resident block (disk durability): bypassed, the page left the region');
   // A TRIM under way elsewhere in the export: its detached pages could still be written back by a recovery.
   await write(pattern(PS, 5), 3 * MiB);
   const gate = new Gate();
@@ -840,13 +844,13 @@ t.test('bypass is refused: short, unaligned, a resident block, a TRIM under way;
   const trim = layer.trim(3 * MiB, PS);
   await until(() => gate.waiting > 0, 'the trim to reach the backing device');
   await write(pattern(128 * KiB, 6), 2 * MiB);
-  t.equal(s.store.bypassBytes, 0, 'no bypass while a TRIM is under way');
+  t.equal(s.store.bypassBytes, 128 * KiB, 'no bypass while a TRIM is under way');
   gate.open();
   await trim;
   expect.fill(0, 3 * MiB, 3 * MiB + PS);
   dev.beforeDeallocate = null;
   await write(pattern(128 * KiB, 7), 2 * MiB + 256 * KiB);
-  t.equal(s.store.bypassBytes, 128 * KiB, 'and again once it is done');
+  t.equal(s.store.bypassBytes, 256 * KiB, 'and again once it is done');
   t.ok((await read(layer, 0, 4 * MiB)).equals(expect), 'everything reads back');
   await layer.close();
   t.ok((await dev.raw(0, 4 * MiB)).equals(expect), 'and the backing device holds it after close');
@@ -877,6 +881,74 @@ t.test('bypass over clean resident pages: they leave the region first, so a cras
   t.ok(blocks.includes(64), 'the dirty page was recovered (the report lists pages by block)');
   t.ok(blocks.every((b) => b >= 64), `no recovered page of the bypassed blocks 0..31 (recovered blocks: ${blocks.length})`);
   t.ok((await dev.raw(0, 128 * KiB)).equals(fresh), 'the backing device holds the bypassed write');
+});
+
+t.test('bypass over dirty pages (disk durability): they leave the region after the backing write, and a crash does not bring them back', async (t) => {
+  const s = await stack(t, { size: 4 * MiB, durability: 'disk', bypassMin: 64 * KiB });
+  const { layer, dev } = s;
+  await layer.pwrite(pattern(PS, 1), 8 * PS);
+  await layer.pwrite(pattern(PS, 1), 40 * PS);
+  t.equal(s.store.dirtyCount, 2, 'two dirty pages');
+  const fresh = pattern(128 * KiB, 2);
+  await layer.pwrite(fresh, 0);
+  t.equal(s.store.bypassBytes, 128 * KiB, 'bypassed although a dirty page of it was resident');
+  t.equal(s.store.dirtyCount, 1, 'the dirty page of its range left the region; the other stays');
+  t.equal(s.se.index.get(8), undefined, 'block 8 is no longer resident');
+  t.ok(s.se.index.get(40) !== undefined, 'block 40 still is');
+  t.ok((await read(layer, 0, 128 * KiB)).equals(fresh), 'reads see the new data');
+  await s.crash();
+  let report: RecoveryReport | null = null;
+  const { region } = await PmemRegion.open({ file: s.file, nodeUuid: s.uuid, size: MIN_PAGES * PS, writeBack: async (r) => void (report = r) });
+  t.teardown(() => region.close());
+  const blocks = (report as RecoveryReport | null)?.pages.map((p) => p.block) ?? [];
+  t.same(blocks, [40], 'only the dirty page outside the bypassed range is recovered');
+  t.ok((await dev.raw(0, 128 * KiB)).equals(fresh), 'the backing device holds the bypassed write');
+});
+
+t.test('bypass: a page being written back keeps a long write over it in the region; a FLUSH still covers everything', async (t) => {
+  const s = await stack(t, { size: 4 * MiB, durability: 'disk', bypassMin: 64 * KiB });
+  const { layer, dev } = s;
+  await layer.pwrite(pattern(PS, 1), 8 * PS);
+  // Hold the writeback of that page (a one-page write) in the device; long synchronous writes still pass.
+  const gate = new Gate();
+  gate.close();
+  dev.beforeWrite = () => gate.pass();
+  dev.nowWhileHooked = (_offset, length) => length >= 64 * KiB;
+  const flushing = layer.flush();
+  await until(() => gate.waiting > 0, 'the writeback of block 8 to reach the device');
+  const fresh = pattern(128 * KiB, 2);
+  await layer.pwrite(fresh, 0);
+  t.equal(s.store.bypassBytes, 0, 'no bypass over a page being written back (its older bytes would land later)');
+  gate.open();
+  await flushing;
+  dev.beforeWrite = null;
+  t.ok((await read(layer, 0, 128 * KiB)).equals(fresh), 'reads see the new data');
+  await layer.flush();
+  t.ok((await dev.raw(0, 128 * KiB)).equals(fresh), 'after a FLUSH the backing device holds it');
+  t.equal(s.store.dirtyCount, 0);
+});
+
+t.test('bypass over a dirty page while a FLUSH waits for other writebacks: the FLUSH makes the bypassed write durable', async (t) => {
+  const s = await stack(t, { size: 4 * MiB, durability: 'disk', bypassMin: 64 * KiB });
+  const { layer, dev } = s;
+  await layer.pwrite(pattern(PS, 3), 100 * PS); // its writeback is held below
+  const gate = new Gate();
+  gate.close();
+  dev.beforeWrite = () => gate.pass();
+  dev.nowWhileHooked = (_offset, length) => length >= 64 * KiB;
+  const flushing = layer.flush();
+  await until(() => gate.waiting > 0, 'the writeback of block 100 to be held');
+  // Written while the FLUSH is under way (it covers only what completed before it, but writes back all it
+  // finds), then superseded by a long write: the dirty page leaves the region unwritten, and the FLUSH's
+  // fdatasync comes after the bypassed write.
+  await layer.pwrite(pattern(PS, 1), 8 * PS);
+  const fresh = pattern(128 * KiB, 2);
+  await layer.pwrite(fresh, 0);
+  t.equal(s.store.bypassBytes, 128 * KiB, 'bypassed during the FLUSH');
+  gate.open();
+  await flushing;
+  t.equal(dev.writesSinceFlush, 0, 'everything written to the device, the bypassed write included, was flushed');
+  t.ok((await dev.raw(0, 128 * KiB)).equals(fresh));
 });
 
 t.test('bypass: a read in flight when a bypassed write lands does not leave its old data in the cache', async (t) => {
