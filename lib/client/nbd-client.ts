@@ -236,7 +236,6 @@ export class NbdClient {
     this.closed = new Promise((resolve) => {
       this.resolveClosed = resolve;
     });
-    socket.on('data', this.onData);
     socket.on('error', this.onError);
     socket.on('close', this.onClose);
     if (socket.closed) {
@@ -304,8 +303,11 @@ export class NbdClient {
           details = await exportNameOption(ch, exportName, greeting.noZeroes);
         }
       }
-      const reader = ch.detach();
-      return new NbdClient(ch.socket, reader, ch.where, details, structured, contexts, maxInFlight);
+      // Nothing is read between these two statements: the client exists before the next socket read.
+      let client: NbdClient | null = null;
+      const reader = ch.detach((chunk) => client!.receive(chunk));
+      client = new NbdClient(ch.socket, reader, ch.where, details, structured, contexts, maxInFlight);
+      return client;
     } catch (err) {
       // A refused option leaves the session healthy, so end it softly as the spec asks; otherwise hard.
       if (err instanceof OptionError) await ch.abort();
@@ -539,14 +541,20 @@ export class NbdClient {
   // -------------------------------------------------------------------------------------------------------------
   // Receiving
 
-  private onData = (chunk: Buffer): void => {
+  /** One socket read (its buffer is read into again afterwards: what is left unread is copied out). */
+  private receive(chunk: Buffer): void {
+    this.onData(chunk);
+    this.reader.detach();
+  }
+
+  private onData(chunk: Buffer): void {
     this.reader.push(chunk);
     try {
       this.drain();
     } catch (err) {
       this.fail(err instanceof Error ? err : new ProtocolError(String(err)));
     }
-  };
+  }
 
   private onError = (err: Error): void => {
     this.fail(new IoError(`connection to ${this.where} failed: ${err.message}`, { cause: err }));

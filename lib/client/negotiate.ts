@@ -61,6 +61,7 @@ import {
   parseServerReply,
 } from '../protocol/handshake';
 import { FrameReader } from '../protocol/frame-reader';
+import { ReceiveBuffers } from '../server/receive-buffers';
 import { IoError, NbdmirrorError, PeerError, ProtocolError } from '../errors';
 import type { ConnectTarget } from './uri';
 
@@ -137,21 +138,34 @@ export class OptionChannel {
   private connected = false;
   private timer: NodeJS.Timeout | undefined;
 
+  /** Where each socket read goes: the handshake's onData, then (after detach) the transmission phase's owner. */
+  private sink: (chunk: Buffer) => void = (chunk) => this.onData(chunk);
+
   private constructor(
     readonly socket: net.Socket,
     readonly where: string,
     private readonly tcp: boolean,
   ) {
     socket.on('connect', this.onConnect);
-    socket.on('data', this.onData);
     socket.on('error', this.onError);
     socket.on('close', this.onClose);
   }
 
   /** Start connecting; the timer bounds connect plus handshake and is cleared by detach(). */
   static open(target: ConnectTarget, timeoutMs: number = DEFAULT_CONNECT_TIMEOUT_MS): OptionChannel {
-    const socket = 'path' in target ? net.connect(target.path) : net.connect({ host: target.host, port: target.port });
-    const ch = new OptionChannel(socket, describeTarget(target), !('path' in target));
+    // The socket reads into reused buffers (see lib/server/receive-buffers.ts): a read's bytes are valid only
+    // during the sink's call.
+    const rx = new ReceiveBuffers();
+    let ch: OptionChannel | null = null;
+    const onread = {
+      buffer: rx.next,
+      callback: (n: number, buf: Buffer): boolean => {
+        ch!.sink(buf.subarray(0, n));
+        return true; // false would pause the socket
+      },
+    };
+    const socket = 'path' in target ? net.connect({ path: target.path, onread }) : net.connect({ host: target.host, port: target.port, onread });
+    ch = new OptionChannel(socket, describeTarget(target), !('path' in target));
     if (timeoutMs > 0 && Number.isFinite(timeoutMs)) {
       ch.timer = setTimeout(() => {
         const phase = ch.connected ? 'handshake with' : 'connect to';
@@ -167,10 +181,11 @@ export class OptionChannel {
     if (this.tcp) this.socket.setNoDelay(true);
   };
 
-  private onData = (chunk: Buffer): void => {
-    this.reader.push(chunk);
+  private onData(chunk: Buffer): void {
+    // A copy: handshake replies are parsed across awaits, after later reads reused the receive buffer.
+    this.reader.push(Buffer.from(chunk));
     this.satisfy();
-  };
+  }
 
   private onError = (err: Error): void => {
     if (err instanceof NbdmirrorError) return this.fail(err);
@@ -215,13 +230,14 @@ export class OptionChannel {
   }
 
   /**
-   * Hand the socket over to the transmission phase: our listeners go, and the reader (with any bytes that
-   * arrived after the last option reply) goes to the new owner.
+   * Hand the socket over to the transmission phase: our listeners go, socket reads go to onChunk from now on
+   * (valid during the call only), and the reader (with any bytes that arrived after the last option reply)
+   * goes to the new owner.
    */
-  detach(): FrameReader {
+  detach(onChunk: (chunk: Buffer) => void): FrameReader {
     clearTimeout(this.timer);
+    this.sink = onChunk;
     this.socket.off('connect', this.onConnect);
-    this.socket.off('data', this.onData);
     this.socket.off('error', this.onError);
     this.socket.off('close', this.onClose);
     return this.reader;

@@ -99,6 +99,10 @@ function adoptWithBuffers(accepted: net.Socket, rx: ReceiveBuffers, onChunk: (ch
   const handle = a._handle;
   a._handle = null;
   accepted.destroy();
-  const opts = { handle, onread: { buffer: rx.next, callback: (n: number, buf: Buffer) => void onChunk(buf.subarray(0, n)) } };
+  const callback = (n: number, buf: Buffer): boolean => {
+    onChunk(buf.subarray(0, n));
+    return true; // false would pause the socket
+  };
+  const opts = { handle, onread: { buffer: rx.next, callback } };
   return new net.Socket(opts as net.SocketConstructorOpts);
 }
