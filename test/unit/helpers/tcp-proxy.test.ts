@@ -400,12 +400,21 @@ t.test('dropAfterBytes forwards exactly n more bytes upstream, then drops every 
 });
 
 t.test('a target that refuses or resets closes the client side', async (t) => {
-  // A port with nothing listening: bind one, note the port, close it.
-  const tmp = net.createServer();
-  await new Promise<void>((resolve) => tmp.listen(0, '127.0.0.1', resolve));
-  const deadPort = (tmp.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => tmp.close(() => resolve()));
-  const proxy = await startTcpProxy(t, { target: { host: '127.0.0.1', port: deadPort } });
+  // A port with nothing listening: bind one, note the port, close it. The kernel may hand that port straight
+  // back to the proxy's own listener, which would then connect to itself, again and again: then try another.
+  let proxy: TcpProxy | null = null;
+  for (let attempt = 0; attempt < 5 && proxy === null; attempt++) {
+    const tmp = net.createServer();
+    await new Promise<void>((resolve) => tmp.listen(0, '127.0.0.1', resolve));
+    const deadPort = (tmp.address() as net.AddressInfo).port;
+    await new Promise<void>((resolve) => tmp.close(() => resolve()));
+    // Nothing connects to the proxy before the check, so a proxy on the dead port has not looped yet.
+    const p = await TcpProxy.start({ target: { host: '127.0.0.1', port: deadPort } });
+    if (p.port === deadPort) await p.close();
+    else proxy = p;
+  }
+  if (proxy === null) throw new Error('no free port distinct from the proxy');
+  t.teardown(() => proxy!.close());
   const client = await connect(t, proxy.port);
   await client.gone();
   t.equal(proxy.stats.active, 0);
