@@ -25,6 +25,12 @@ const RESOLVED = Promise.resolve();
  */
 const CACHE_FILL_MAX = 64 << 10;
 
+/** bypass(): the write went to the backing file; it may not; it may once writebacks of its blocks are done. */
+const BYPASSED = 0;
+const REFUSED = 1;
+const BUSY = 2;
+type Bypass = typeof BYPASSED | typeof REFUSED | typeof BUSY;
+
 /** Writes of at least this many bytes may bypass the region by default (see bypass()). */
 export const BYPASS_MIN = 256 << 10;
 
@@ -69,8 +75,10 @@ export class PmemLayer implements BlockDevice {
     const first = Math.floor(offset / PAGE_SIZE);
     const last = Math.floor((offset + buf.length - 1) / PAGE_SIZE);
     this.store.cache.invalidate(this.e.id, first, last);
-    if (buf.length >= this.bypassMin && this.bypass(buf, offset, first, last)) {
-      return flags.fua ? this.e.backing.flush() : null;
+    if (buf.length >= this.bypassMin) {
+      const b = this.bypass(buf, offset, first, last);
+      if (b === BYPASSED) return flags.fua ? this.e.backing.flush() : null;
+      if (b === BUSY) return this.bypassWhenIdle(buf, offset, first, last, flags);
     }
     let block = first;
     let inPage = offset - first * PAGE_SIZE;
@@ -94,30 +102,47 @@ export class PmemLayer implements BlockDevice {
    * the region does, and saves a copy, a checksum and the later writeback per page, which streaming writes
    * otherwise pay through a region far smaller than the export (bcache bypasses its cache for sequential I/O
    * for the same reason). No older version of a block may land after it: the write is refused while any
-   * block of it is being written back or queued for a read-modify-write, while a TRIM/WRITE_ZEROES (whose
-   * detached pages recovery could still write back) is under way, or while a page of it may not leave the
-   * region (see droppable). The range's resident pages leave the region right after the backing write, before
-   * the write is acknowledged: a crash in between recovers their older bytes over a write nobody was told
-   * about, which is allowed. FLUSH and FUA then also flush the backing file, in pmem durability too (see
-   * makeDurable).
+   * block of it is queued for a read-modify-write, while a TRIM/WRITE_ZEROES (whose detached pages recovery
+   * could still write back) is under way, or while a page of it may not leave the region (see droppable);
+   * while a block of it is being written back it waits (BUSY, see bypassWhenIdle). The range's resident pages
+   * leave the region right after the backing write, before the write is acknowledged: a crash in between
+   * recovers their older bytes over a write nobody was told about, which is allowed. FLUSH and FUA then also
+   * flush the backing file, in pmem durability too (see makeDurable).
    */
-  private bypass(buf: Buffer, offset: number, first: number, last: number): boolean {
+  private bypass(buf: Buffer, offset: number, first: number, last: number): Bypass {
     const e = this.e;
     const pwriteNow = e.backing.pwriteNow;
-    if (pwriteNow === undefined || this.dropping !== 0 || offset % PAGE_SIZE !== 0) return false;
+    if (pwriteNow === undefined || this.dropping !== 0 || offset % PAGE_SIZE !== 0) return REFUSED;
     const end = offset + buf.length;
-    if (end % PAGE_SIZE !== 0 && end !== this.size) return false;
+    if (end % PAGE_SIZE !== 0 && end !== this.size) return REFUSED;
+    if (this.pending.size !== 0) for (const b of this.pending.keys()) if (b >= first && b <= last) return REFUSED;
     const busy = e.writing.nextSet(first);
-    if (busy >= 0 && busy <= last) return false;
-    if (this.pending.size !== 0) for (const b of this.pending.keys()) if (b >= first && b <= last) return false;
+    if (busy >= 0 && busy <= last) return BUSY;
     const resident = e.index.size !== 0;
-    if (resident && !this.droppable(first, last)) return false;
-    if (!pwriteNow.call(e.backing, [buf], offset)) return false;
+    if (resident && !this.droppable(first, last)) return REFUSED;
+    if (!pwriteNow.call(e.backing, [buf], offset)) return REFUSED;
     if (resident) this.dropPages(first, last);
     e.generation++; // a read of these blocks in flight must not fill the cache with what it read before
     this.bypassedSinceFlush = true;
     this.store.bypassBytes += buf.length;
-    return true;
+    return BYPASSED;
+  }
+
+  /**
+   * A long write whose bypass only waits for the writeback of some of its blocks (after random writes the
+   * writeback keeps pages of most ranges in flight): wait for those, then bypass, or else go through the
+   * region after all. The region would take the write at once only when it has free pages, and then cost
+   * every page a copy, a checksum and a writeback.
+   */
+  private async bypassWhenIdle(buf: Buffer, offset: number, first: number, last: number, flags: WriteFlags): Promise<void> {
+    await this.store.waitBlocksIdle(this.e, first, last);
+    // A read meanwhile may have cached these blocks' old bytes.
+    this.store.cache.invalidate(this.e.id, first, last);
+    if (this.bypass(buf, offset, first, last) === BYPASSED) {
+      if (flags.fua) await this.e.backing.flush();
+      return;
+    }
+    return this.pwriteRest(buf, offset, 0, flags);
   }
 
   /**
