@@ -30,6 +30,8 @@ const BYPASSED = 0;
 const REFUSED = 1;
 const BUSY = 2;
 type Bypass = typeof BYPASSED | typeof REFUSED | typeof BUSY;
+/** Waits for writebacks of its blocks a long write makes before it goes through the region instead. */
+const BYPASS_WAIT_ROUNDS = 16;
 
 /** Writes of at least this many bytes may bypass the region by default (see bypass()). */
 export const BYPASS_MIN = 256 << 10;
@@ -135,12 +137,18 @@ export class PmemLayer implements BlockDevice {
    * every page a copy, a checksum and a writeback.
    */
   private async bypassWhenIdle(buf: Buffer, offset: number, first: number, last: number, flags: WriteFlags): Promise<void> {
-    await this.store.waitBlocksIdle(this.e, first, last);
-    // A read meanwhile may have cached these blocks' old bytes.
-    this.store.cache.invalidate(this.e.id, first, last);
-    if (this.bypass(buf, offset, first, last) === BYPASSED) {
-      if (flags.fua) await this.e.backing.flush();
-      return;
+    // A block written back is clean afterwards and not picked again unless rewritten, so this ends quickly;
+    // the bound is for a range that clients keep rewriting while the writeback keeps taking it.
+    for (let round = 0; round < BYPASS_WAIT_ROUNDS; round++) {
+      await this.store.waitBlocksIdle(this.e, first, last);
+      // A read meanwhile may have cached these blocks' old bytes.
+      this.store.cache.invalidate(this.e.id, first, last);
+      const b = this.bypass(buf, offset, first, last);
+      if (b === BYPASSED) {
+        if (flags.fua) await this.e.backing.flush();
+        return;
+      }
+      if (b === REFUSED) break;
     }
     return this.pwriteRest(buf, offset, 0, flags);
   }
