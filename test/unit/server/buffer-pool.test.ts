@@ -53,3 +53,28 @@ t.test('buffers the pool did not make are not taken in', async (t) => {
   p.give(whole.subarray(0, 10 * KiB)); // its length's class (16 KiB) is not its allocation's (64 KiB)
   t.equal(p.heldBytes, 0);
 });
+
+t.test('a full pool makes room for a new size class by dropping free buffers of other classes', async (t) => {
+  const p = new BufferPool(2 * MiB);
+  // One workload (256 KiB requests) fills the pool...
+  const small = Array.from({ length: 8 }, () => p.take(256 * KiB));
+  for (const b of small) p.give(b);
+  t.equal(p.heldBytes, 2 * MiB, 'full of 256 KiB buffers');
+  // ...then the next one uses 1 MiB buffers: they must be kept, or every request allocates afresh.
+  const big = [p.take(MiB), p.take(MiB)];
+  t.equal(p.reused, 0);
+  for (const b of big) p.give(b);
+  t.equal(p.heldBytes, 2 * MiB, 'still within the bound');
+  t.equal(p.take(MiB).buffer, big[1]!.buffer, 'the 1 MiB buffers were kept');
+  t.equal(p.take(MiB).buffer, big[0]!.buffer);
+  t.equal(p.heldBytes, 0, 'the 256 KiB buffers made room');
+  // A buffer of its own class is not evicted to take another of the same class beyond the bound.
+  const q = new BufferPool(MiB);
+  const [x, y] = [q.take(MiB), q.take(MiB)];
+  q.give(x);
+  q.give(y);
+  t.equal(q.take(MiB).buffer, x.buffer, 'the first one stays, the second is dropped');
+  // Larger than the whole bound: never kept.
+  q.give(q.take(2 * MiB));
+  t.equal(q.heldBytes, 0);
+});
