@@ -155,15 +155,8 @@ export class OptionChannel {
   static open(target: ConnectTarget, timeoutMs: number = DEFAULT_CONNECT_TIMEOUT_MS): OptionChannel {
     // The socket reads into reused buffers (see lib/server/receive-buffers.ts): a read's bytes are valid only
     // during the sink's call.
-    const rx = new ReceiveBuffers();
     let ch: OptionChannel | null = null;
-    const onread = {
-      buffer: rx.next,
-      callback: (n: number, buf: Buffer): boolean => {
-        ch!.sink(buf.subarray(0, n));
-        return true; // false would pause the socket
-      },
-    };
+    const onread = new ReceiveBuffers().onread((chunk) => ch!.sink(chunk));
     const socket = 'path' in target ? net.connect({ path: target.path, onread }) : net.connect({ host: target.host, port: target.port, onread });
     ch = new OptionChannel(socket, describeTarget(target), !('path' in target));
     if (timeoutMs > 0 && Number.isFinite(timeoutMs)) {

@@ -74,12 +74,7 @@ export class FrameReader {
    * may be reused (a socket reading into the same buffer again).
    */
   detach(): void {
-    if (this.chunks.length === 0) return;
-    if (this.total === 0) {
-      this.chunks = [];
-      this.head = 0;
-      return;
-    }
+    if (this.total === 0) return; // consume() drops every chunk it used up: nothing is held
     const out = Buffer.allocUnsafe(this.total);
     this.copyOut(out, 0, this.total, false);
     this.chunks = [out];

@@ -103,7 +103,7 @@ export interface ConnectionDeps {
    * The socket reads into these (net.Socket's onread, set up by the listener) and hands each read to
    * receive(), instead of emitting 'data' with a fresh buffer per read.
    */
-  rx?: ReceiveBuffers;
+  rx: ReceiveBuffers;
 }
 
 export class Connection {
@@ -142,7 +142,6 @@ export class Connection {
   ) {
     this.log = deps.log;
     socket.setNoDelay(true);
-    if (deps.rx === undefined) socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('drain', () => this.maybeResume());
     socket.on('error', (err) => this.log.debug({ err }, 'socket error'));
     socket.on('close', () => this.onSocketClose());
@@ -171,8 +170,8 @@ export class Connection {
   // Receive path
 
   /**
-   * One socket read that landed in a buffer of deps.rx. Once it is processed, whatever is left unread is
-   * copied out of that buffer, which the next read may overwrite.
+   * One socket read, in a buffer of deps.rx. Once it is processed, whatever is left unread is copied out of
+   * that buffer, which the next read may overwrite.
    */
   receive(chunk: Buffer): void {
     this.onData(chunk);
@@ -352,8 +351,8 @@ export class Connection {
     this.maybePause();
     // A payload still in the receive buffer is pinned there until the device is done with it (as for `give`,
     // only a success says so).
-    const held: ReceiveBuffer | null = !ownPayload && payload !== null && this.deps.rx !== undefined ? this.deps.rx.hold(payload) : null;
-    const ok = give !== undefined ? () => give.give(payload!) : held !== null ? () => this.deps.rx!.release(held) : undefined;
+    const held: ReceiveBuffer | null = !ownPayload && payload !== null ? this.deps.rx.hold(payload) : null;
+    const ok = give !== undefined ? () => give.give(payload!) : held !== null ? () => this.deps.rx.release(held) : undefined;
     p.then(ok, (err: unknown) => this.replyError(req, err)).then(() => {
       // FLUSH and BLOCK_STATUS carry no data: their length is not counted as bytes.
       st?.end(req.type, req.type === NBD_CMD_FLUSH || req.type === NBD_CMD_BLOCK_STATUS ? 0 : req.length, t0);

@@ -99,10 +99,5 @@ function adoptWithBuffers(accepted: net.Socket, rx: ReceiveBuffers, onChunk: (ch
   const handle = a._handle;
   a._handle = null;
   accepted.destroy();
-  const callback = (n: number, buf: Buffer): boolean => {
-    onChunk(buf.subarray(0, n));
-    return true; // false would pause the socket
-  };
-  const opts = { handle, onread: { buffer: rx.next, callback } };
-  return new net.Socket(opts as net.SocketConstructorOpts);
+  return new net.Socket({ handle, onread: rx.onread(onChunk) } as net.SocketConstructorOpts);
 }

@@ -21,7 +21,7 @@ export interface ReceiveBuffer {
 export class ReceiveBuffers {
   private cur: ReceiveBuffer = ReceiveBuffers.fresh();
   private readonly spares: ReceiveBuffer[] = [];
-  /** Buffers allocated beyond the first (for the metrics and tests: how often pins forced a new one). */
+  /** Buffers allocated beyond the first: how often pins forced a new one. */
   allocated = 0;
 
   private static fresh(): ReceiveBuffer {
@@ -40,6 +40,20 @@ export class ReceiveBuffers {
     }
     return this.cur.buf;
   };
+
+  /**
+   * net.Socket's `onread` option: reads land in these buffers, and each goes to onChunk (its bytes are valid
+   * during the call only).
+   */
+  onread(onChunk: (chunk: Buffer) => void): { buffer: () => Buffer; callback: (n: number, buf: Buffer) => boolean } {
+    return {
+      buffer: this.next,
+      callback: (n, buf) => {
+        onChunk(buf.subarray(0, n));
+        return true; // false would pause the socket
+      },
+    };
+  }
 
   /**
    * `view` will be used after this read (a WRITE payload a device keeps until its promise settles): if it lies

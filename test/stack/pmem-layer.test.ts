@@ -905,17 +905,25 @@ t.test('bypass over dirty pages (disk durability): they leave the region after t
   t.ok((await dev.raw(0, 128 * KiB)).equals(fresh), 'the backing device holds the bypassed write');
 });
 
+/**
+ * Start a FLUSH whose writeback of single pages is held in the device (until gate.open()); long synchronous
+ * writes (a bypass) still pass. Resolves once a held writeback has reached the device.
+ */
+async function flushHoldingWriteback(s: Stack, what: string): Promise<{ gate: Gate; flushing: Promise<void> }> {
+  const gate = new Gate();
+  gate.close();
+  s.dev.beforeWrite = () => gate.pass();
+  s.dev.nowWhileHooked = (_offset, length) => length >= 64 * KiB;
+  const flushing = s.layer.flush();
+  await until(() => gate.waiting > 0, `the writeback of ${what} to be held`);
+  return { gate, flushing };
+}
+
 t.test('bypass: a long write over a page being written back waits for that writeback, then bypasses', async (t) => {
   const s = await stack(t, { size: 4 * MiB, durability: 'disk', bypassMin: 64 * KiB });
   const { layer, dev } = s;
   await layer.pwrite(pattern(PS, 1), 8 * PS);
-  // Hold the writeback of that page (a one-page write) in the device; long synchronous writes still pass.
-  const gate = new Gate();
-  gate.close();
-  dev.beforeWrite = () => gate.pass();
-  dev.nowWhileHooked = (_offset, length) => length >= 64 * KiB;
-  const flushing = layer.flush();
-  await until(() => gate.waiting > 0, 'the writeback of block 8 to reach the device');
+  const { gate, flushing } = await flushHoldingWriteback(s, 'block 8');
   const fresh = pattern(128 * KiB, 2);
   let done = false;
   const writing = layer.pwrite(fresh, 0).then(() => void (done = true));
@@ -936,13 +944,8 @@ t.test('bypass: a long write over a page being written back waits for that write
 t.test('bypass over a dirty page while a FLUSH waits for other writebacks: the FLUSH makes the bypassed write durable', async (t) => {
   const s = await stack(t, { size: 4 * MiB, durability: 'disk', bypassMin: 64 * KiB });
   const { layer, dev } = s;
-  await layer.pwrite(pattern(PS, 3), 100 * PS); // its writeback is held below
-  const gate = new Gate();
-  gate.close();
-  dev.beforeWrite = () => gate.pass();
-  dev.nowWhileHooked = (_offset, length) => length >= 64 * KiB;
-  const flushing = layer.flush();
-  await until(() => gate.waiting > 0, 'the writeback of block 100 to be held');
+  await layer.pwrite(pattern(PS, 3), 100 * PS);
+  const { gate, flushing } = await flushHoldingWriteback(s, 'block 100');
   // Written while the FLUSH is under way (it covers only what completed before it, but writes back all it
   // finds), then superseded by a long write: the dirty page leaves the region unwritten, and the FLUSH's
   // fdatasync comes after the bypassed write.
