@@ -165,7 +165,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
       const slash = rest.lastIndexOf('/');
       const r = replicas.find((x) => x.name === rest.slice(0, slash));
       const device = r?.linkDevice(rest.slice(slash + 1));
-      return device === undefined ? undefined : { name, description: 'nbdmirror replication link', device, stats: requests.for(r!.name, 'peer') };
+      return device === undefined ? undefined : { name, description: 'nbdmirror replication link', device, stats: requests.for(r!.name, 'peer'), answerAtOnce: true };
     };
 
     const status = (): NodeStatus => ({

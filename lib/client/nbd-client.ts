@@ -177,14 +177,11 @@ const RX_HEADER: Rx = { kind: 'header' };
 /** open → disconnecting (disconnect() called, draining) → closed; or open → closed on any failure. */
 type State = 'open' | 'disconnecting' | 'closed';
 
-function checkRange(offset: number, length: number): void {
-  // Offsets travel as 64-bit integers but are JS numbers here: refuse any that would lose precision.
-  if (!Number.isSafeInteger(offset) || offset < 0) {
-    throw new RangeError(`offset ${offset} is not a non-negative safe integer`);
-  }
-  if (!Number.isInteger(length) || length < 0 || length > 0xffff_ffff) {
-    throw new RangeError(`length ${length} is not a 32-bit unsigned integer`);
-  }
+/** Why a request range cannot be sent, or null. Offsets travel as 64-bit integers but are JS numbers here. */
+function rangeError(offset: number, length: number): RangeError | null {
+  if (!Number.isSafeInteger(offset) || offset < 0) return new RangeError(`offset ${offset} is not a non-negative safe integer`);
+  if (!Number.isInteger(length) || length < 0 || length > 0xffff_ffff) return new RangeError(`length ${length} is not a 32-bit unsigned integer`);
+  return null;
 }
 
 export class NbdClient {
@@ -389,6 +386,19 @@ export class NbdClient {
     return this.request<void>(NBD_CMD_WRITE, opts.fua === true ? NBD_CMD_FLAG_FUA : 0, offset, buf.length, buf);
   }
 
+  /**
+   * pwrite() completed by callbacks instead of a promise (the mirror's hot path). Exactly one of them is
+   * called, never synchronously from inside this call.
+   */
+  pwriteCallbacks(buf: Buffer, offset: number, fua: boolean, resolve: () => void, reject: (err: Error) => void): void {
+    const err = this.state !== 'open' ? (this.closeReason ?? new ShutdownError('client is disconnecting')) : rangeError(offset, buf.length);
+    if (err !== null) {
+      queueMicrotask(() => reject(err));
+      return;
+    }
+    this.enqueue(this.pending(NBD_CMD_WRITE, fua ? NBD_CMD_FLAG_FUA : 0, offset, buf.length, buf, resolve as (value: never) => void, reject));
+  }
+
   flush(): Promise<void> {
     return this.request<void>(NBD_CMD_FLUSH, 0, 0, 0);
   }
@@ -458,33 +468,34 @@ export class NbdClient {
   // Sending
 
   private request<T>(type: number, flags: number, offset: number, length: number, payload?: Buffer): Promise<T> {
-    if (this.state !== 'open') {
-      return Promise.reject(this.closeReason ?? new ShutdownError('client is disconnecting'));
-    }
-    try {
-      checkRange(offset, length);
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    const err = this.state !== 'open' ? (this.closeReason ?? new ShutdownError('client is disconnecting')) : rangeError(offset, length);
+    if (err !== null) return Promise.reject(err);
     return new Promise<T>((resolve, reject) => {
-      const p: Pending = {
-        cookie: this.nextCookie++,
-        type,
-        flags,
-        offset,
-        length,
-        payload,
-        buf: undefined,
-        covered: 0,
-        extents: undefined,
-        error: undefined,
-        structured: false,
-        resolve: resolve as (value: never) => void,
-        reject,
-      };
-      if (this.inFlight.size < this.maxInFlight) this.send(p);
-      else this.queue.push(p);
+      this.enqueue(this.pending(type, flags, offset, length, payload, resolve as (value: never) => void, reject));
     });
+  }
+
+  private pending(type: number, flags: number, offset: number, length: number, payload: Buffer | undefined, resolve: (value: never) => void, reject: (err: Error) => void): Pending {
+    return {
+      cookie: this.nextCookie++,
+      type,
+      flags,
+      offset,
+      length,
+      payload,
+      buf: undefined,
+      covered: 0,
+      extents: undefined,
+      error: undefined,
+      structured: false,
+      resolve,
+      reject,
+    };
+  }
+
+  private enqueue(p: Pending): void {
+    if (this.inFlight.size < this.maxInFlight) this.send(p);
+    else this.queue.push(p);
   }
 
   private send(p: Pending): void {

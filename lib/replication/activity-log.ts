@@ -240,6 +240,17 @@ export class ActivityLog {
     });
   }
 
+  /** Every extent of [offset, offset+length) is hot (durably recorded): a begin() of it would return null. */
+  allHot(offset: number, length: number): boolean {
+    if (this.closing || !(offset >= 0 && length > 0 && offset + length <= this.size)) return false;
+    const e1 = Math.floor((offset + length - 1) / AL_EXTENT_SIZE);
+    for (let e = Math.floor(offset / AL_EXTENT_SIZE); e <= e1; e++) {
+      const s = this.state[e];
+      if (s !== HOT && s !== EVICTING) return false;
+    }
+    return true;
+  }
+
   /** The write begun with this range finished (on both nodes, or recorded out of sync). */
   end(offset: number, length: number): void {
     if (!(offset >= 0 && length >= 0 && offset + length <= this.size)) {

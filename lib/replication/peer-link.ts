@@ -120,11 +120,18 @@ export class PeerLink {
 
   /** Count a peer request for the watchdog; rejections pass through. */
   track<T>(p: Promise<T>): Promise<T> {
+    this.trackStart();
+    return p.finally(() => this.trackEnd());
+  }
+
+  /** track() for a request completed by callbacks: call trackEnd() once when it settles. */
+  trackStart(): void {
     if (this.pending++ === 0) this.lastProgress = Date.now();
-    return p.finally(() => {
-      this.pending--;
-      this.lastProgress = Date.now();
-    });
+  }
+
+  trackEnd(): void {
+    this.pending--;
+    this.lastProgress = Date.now();
   }
 
   /** A mirrored request failed: the peer can no longer be trusted to follow; drop the link. */

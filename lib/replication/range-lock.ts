@@ -37,6 +37,15 @@ export class RangeLock {
     return null;
   }
 
+  /** Take every block of [offset, offset+length) if none is held (true), else take nothing (false). */
+  tryAcquire(offset: number, length: number): boolean {
+    const first = Math.floor(offset / 4096);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / 4096);
+    for (let b = first; b <= last; b++) if (this.held.has(b)) return false;
+    for (let b = first; b <= last; b++) this.held.set(b, EMPTY);
+    return true;
+  }
+
   release(offset: number, length: number): void {
     const first = Math.floor(offset / 4096);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / 4096);

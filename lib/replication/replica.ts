@@ -293,6 +293,57 @@ export class Replica {
     }
   }
 
+  /**
+   * mutate() for a WRITE in the common case, without its chain of promises: this node is primary, the link is
+   * up, every extent of the range is hot and no other write holds the range. Null when any of that does not
+   * hold (the caller goes through mutate()). The rules are mutate()'s: the write goes to the peer first, the
+   * range stays locked and its extents active until both copies answered.
+   */
+  mirrorWrite(buf: Buffer, offset: number, flags: WriteFlags | undefined): Promise<void> | null {
+    const length = buf.length;
+    const link = this.link;
+    const peer = link === null ? null : link.active();
+    if (peer === null || this.role !== 'primary' || this.closed || length === 0) return null;
+    if (!this.al.allHot(offset, length) || !this.lock.tryAcquire(offset, length)) return null;
+    this.inFlight++;
+    this.al.begin(offset, length); // null: every extent is hot
+    return new Promise<void>((resolve, reject) => new MirroredWrite(this, link!, peer, buf, offset, flags, resolve, reject).start());
+  }
+
+  /** Both copies answered a mirrorWrite(): what mutate() does after its Promise.allSettled. */
+  settleMirrored(w: MirroredWrite): void {
+    if (w.localError === NO_ERROR && w.remoteError === NO_ERROR) {
+      this.endMirrored(w);
+      w.resolve();
+      return;
+    }
+    this.settleFailed(w).then(w.resolve, w.reject);
+  }
+
+  private async settleFailed(w: MirroredWrite): Promise<void> {
+    try {
+      if (w.remoteError !== NO_ERROR) {
+        const d = this.diverge();
+        if (d) await d;
+        this.oos.mark(w.offset, w.buf.length);
+        this.link!.lost(w.remoteError);
+      }
+      if (w.localError !== NO_ERROR) {
+        // The peer may hold what this copy failed to take: resync makes them equal again.
+        this.oos.mark(w.offset, w.buf.length);
+        throw w.localError;
+      }
+    } finally {
+      this.endMirrored(w);
+    }
+  }
+
+  private endMirrored(w: MirroredWrite): void {
+    this.al.end(w.offset, w.buf.length);
+    this.lock.release(w.offset, w.buf.length);
+    this.leave();
+  }
+
   async flushBoth(): Promise<void> {
     const peer = this.link?.active() ?? null;
     if (peer === null) return this.lower.flush();
@@ -603,6 +654,67 @@ export class Replica {
   }
 }
 
+const NO_ERROR: unique symbol = Symbol('no error');
+
+/** One Replica.mirrorWrite(): its two copies complete by callbacks; the second to answer settles it. */
+class MirroredWrite {
+  localError: unknown = NO_ERROR;
+  remoteError: unknown = NO_ERROR;
+  private waiting = 2;
+  private readonly t0 = performance.now();
+
+  constructor(
+    private readonly r: Replica,
+    private readonly link: PeerLink,
+    private readonly peer: NonNullable<ReturnType<PeerLink['active']>>,
+    readonly buf: Buffer,
+    readonly offset: number,
+    private readonly flags: WriteFlags | undefined,
+    readonly resolve: () => void,
+    readonly reject: (err: unknown) => void,
+  ) {}
+
+  start(): void {
+    this.link.trackStart();
+    this.peer.pwriteCallbacks(this.buf, this.offset, this.flags?.fua === true, this.remoteOk, this.remoteFailed);
+    const lower = this.r.lower;
+    let p: Promise<void> | null;
+    try {
+      p = lower.pwriteFast !== undefined ? lower.pwriteFast(this.buf, this.offset, this.flags) : lower.pwrite(this.buf, this.offset, this.flags);
+    } catch (err) {
+      this.localFailed(err);
+      return;
+    }
+    if (p === null) this.answered();
+    else p.then(this.answeredLocal, this.localFailed);
+  }
+
+  private readonly remoteOk = (): void => {
+    const link = this.link;
+    link.trackEnd();
+    link.peerWrites.observe((performance.now() - this.t0) / 1000);
+    this.r.noteUnflushed(this.offset, this.buf.length, this.peer);
+    this.answered();
+  };
+
+  private readonly remoteFailed = (err: Error): void => {
+    this.link.trackEnd();
+    this.remoteError = err;
+    this.answered();
+  };
+
+  private readonly answeredLocal = (): void => this.answered();
+
+  private readonly localFailed = (err: unknown): void => {
+    this.localError = err;
+    this.answered();
+  };
+
+  private answered(): void {
+    if (--this.waiting === 0) this.r.settleMirrored(this);
+  }
+}
+
 /** What NBD clients see: writable only on the primary; mirrored when a peer is configured. */
 class ReplicaDevice implements BlockDevice {
   readonly size: number;
@@ -625,7 +737,12 @@ class ReplicaDevice implements BlockDevice {
 
   pwriteFast(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void> | null {
     const r = this.r;
-    if (r.solo && r.role === 'primary' && r.soloMark() === null && r.lower.pwriteFast !== undefined) return r.lower.pwriteFast(buf, offset, flags);
+    if (r.solo) {
+      if (r.role === 'primary' && r.soloMark() === null && r.lower.pwriteFast !== undefined) return r.lower.pwriteFast(buf, offset, flags);
+    } else {
+      const p = r.mirrorWrite(buf, offset, flags);
+      if (p !== null) return p;
+    }
     return this.pwrite(buf, offset, flags);
   }
 

@@ -182,6 +182,7 @@ export class Connection {
     if (this.phase === 'finishing' || this.phase === 'closed') return;
     this.reader.push(chunk);
     const before = this.requestsSeen;
+    this.inInput = true;
     try {
       this.process();
       this.pipelined = this.requestsSeen - before >= 2;
@@ -191,6 +192,8 @@ export class Connection {
         this.log.error({ err }, 'internal error while processing input');
         this.abort('internal error');
       }
+    } finally {
+      this.inInput = false;
     }
   }
 
@@ -259,6 +262,7 @@ export class Connection {
     this.device = n.export.device;
     this.exportName = n.export.name;
     this.stats = n.export.stats ?? null;
+    this.answerAtOnce = n.export.answerAtOnce === true;
     this.structured = n.structuredReplies;
     this.vctx = { size: n.export.device.size, flags: n.flags, structuredReplies: n.structuredReplies, baseAllocation: n.baseAllocation };
     this.log = this.log.child({ export: n.export.name });
@@ -571,6 +575,10 @@ export class Connection {
   /** Requests decoded so far, and whether the last read brought several (see flushNextRound). */
   private requestsSeen = 0;
   private pipelined = false;
+  /** Input is being processed: a reply queued now is for a request completed at once (see flushNextRound). */
+  private inInput = false;
+  /** The export's answerAtOnce: replies are never deferred. */
+  private answerAtOnce = false;
   private deferRounds = 0;
   private seenAtDefer = 0;
 
@@ -591,7 +599,7 @@ export class Connection {
     this.slabPos += n;
     if (!this.flushQueued) {
       this.flushQueued = true;
-      if (this.pipelined) setImmediate(this.flushNextRound);
+      if (this.pipelined && this.inInput && !this.answerAtOnce) setImmediate(this.flushNextRound);
       else process.nextTick(this.flushReplies);
     }
     return at;
@@ -647,6 +655,13 @@ export class Connection {
    * (delivery, waking the client), so fewer and larger ones raise throughput at depth. The wait ends by
    * itself: a client whose requests are all in flight sends nothing new until it gets replies. A client with
    * one request in flight is answered in the same round.
+   *
+   * Only replies to requests completed while their input is processed wait so. Replies completed later (a
+   * mirrored write, once the peer answered) arrive in batches already, and each of them has waited for
+   * another round trip, so they leave in the same round; and the replication link's export never defers
+   * (ExportHandle.answerAtOnce): its peer round trip is on the path of every mirrored write, and a fixed
+   * number of client requests in flight makes the mirror's throughput its latency. A server alone is not
+   * changed by either rule (its writes complete at once).
    */
   private readonly flushNextRound = (): void => {
     this.deferRounds = 0;

@@ -29,6 +29,11 @@ export interface ExportHandle {
   readonly device: BlockDevice;
   /** Where the connections serving this export count their requests (none: not counted). */
   readonly stats?: RequestStats;
+  /**
+   * Replies are never held back to share a socket write with later ones (see Connection.flushNextRound):
+   * for a client that waits for each batch of replies before it can go on, as the mirror's primary does.
+   */
+  readonly answerAtOnce?: boolean;
 }
 
 export class ExportRegistry {

@@ -301,6 +301,43 @@ t.test('error chunks and simple errors become PeerError with the errno', async (
   await tt.rejects(c.flush(), { name: 'PeerError', errno: 1 }, 'errors fail only their request: the connection is still up');
 });
 
+t.test('pwriteCallbacks: one callback per write, never from inside the call; FUA, errors, bad ranges, closed', async (tt) => {
+  const f = await fake(tt, {
+    onRequest: (req, payload, s) => {
+      if (req.type !== NBD_CMD_WRITE) return;
+      s.write(req.offset === 4096 ? encodeErrorChunk(req.cookie, NBD_REPLY_FLAG_DONE, 28, 'full') : encodeSimpleReply(req.cookie, 0));
+      tt.same(payload, Buffer.alloc(req.length, req.offset / 512), `payload of the write at ${req.offset}`);
+    },
+  });
+  const c = await client(tt, f);
+  const outcome = (offset: number, length: number, fua: boolean): Promise<string> =>
+    new Promise((resolve) => {
+      let inside = true;
+      let calls = 0;
+      const once = (what: string): void => {
+        calls++;
+        if (inside) resolve('synchronous');
+        // A second callback would show up as a later call on the same write.
+        setImmediate(() => resolve(calls === 1 ? what : `${calls} callbacks`));
+      };
+      c.pwriteCallbacks(Buffer.alloc(length, offset / 512), offset, fua, () => once('ok'), (err) => once(`${err.name}:${(err as PeerError).errno ?? ''}`));
+      inside = false;
+    });
+  tt.same(await Promise.all([outcome(0, 512, false), outcome(4096, 512, true), outcome(1024, 100, false)]), ['ok', 'PeerError:28', 'ok']);
+  tt.same(
+    f.requests().map((r) => [r.type, r.flags, r.offset, r.length]),
+    [
+      [NBD_CMD_WRITE, 0, 0, 512],
+      [NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 4096, 512],
+      [NBD_CMD_WRITE, 0, 1024, 100],
+    ],
+  );
+  tt.equal(await outcome(-512, 1, false), 'RangeError:', 'a bad offset fails by callback, not by a throw');
+  await c.close();
+  tt.equal(await outcome(0, 512, false), 'ShutdownError:', 'a closed client fails by callback');
+  tt.equal(f.requests().length, 3, 'nothing more was sent');
+});
+
 function u32(n: number): Buffer {
   const b = Buffer.alloc(4);
   b.writeUInt32BE(n, 0);

@@ -108,6 +108,22 @@ t.test('begin is null for hot extents, a promise for cold ones; ranges across ex
   await t.rejects(log.close().then(() => log.begin(0, 1) as Promise<void>), ShutdownError, 'begin after close');
 });
 
+t.test('allHot tells whether a begin would return null, and changes nothing', async (t) => {
+  const { log } = await openLog({ dir: t.testdir(), name: 'h', size: 4 * E });
+  t.equal(log.allHot(0, 4096), false, 'cold extent');
+  t.equal(log.inFlight, 0, 'allHot begins nothing');
+  await log.begin(0, 4096);
+  t.equal(log.allHot(0, 4096), true);
+  t.equal(log.allHot(E - 4096, 8192), false, 'extent 1 of the range is cold');
+  t.equal(log.allHot(0, 0), false, 'an empty range is not for the fast path');
+  t.equal(log.allHot(4 * E - 1, 2), false, 'past the end');
+  t.equal(log.begin(100, 200), null, 'begin agrees: hot');
+  log.end(100, 200);
+  log.end(0, 4096);
+  await log.close();
+  t.equal(log.allHot(0, 4096), false, 'a closed log is never hot');
+});
+
 t.test('begins for a range wider than the log are refused', async (t) => {
   const dir = t.testdir();
   const { log } = await openLog({ dir, name: 'w', size: 8 * E, slots: 2 });

@@ -30,6 +30,23 @@ t.test('free and overlapping ranges', async (t) => {
   t.throws(() => l.release(0, 1), /not held/);
 });
 
+t.test('tryAcquire takes a free range whole, or nothing', async (t) => {
+  const l = new RangeLock();
+  t.equal(l.tryAcquire(4096, 8192), true, 'blocks 1-2 free: taken');
+  t.equal(l.heldBlocks, 2);
+  t.equal(l.tryAcquire(0, 3 * 4096), false, 'blocks 0-2: block 1 is held');
+  t.equal(l.heldBlocks, 2, 'block 0 was not taken by the refused call');
+  t.equal(l.tryAcquire(0, 4096), true, 'block 0 is still free');
+  const waiter = l.acquire(8192, 1)!;
+  t.ok(waiter instanceof Promise, 'a waiter queues behind tryAcquire holders');
+  l.release(4096, 8192);
+  await waiter;
+  t.equal(l.tryAcquire(8192, 1), false, 'block 2 passed to the waiter');
+  l.release(8192, 1);
+  l.release(0, 4096);
+  t.equal(l.heldBlocks, 0);
+});
+
 t.test('random overlapping holders never share a block and all finish', async (t) => {
   const l = new RangeLock();
   const rnd = prng(7);
