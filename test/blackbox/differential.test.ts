@@ -15,12 +15,12 @@ import t from 'tap';
 import type { Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { requireThat, requireTool } from '../helpers/requires';
 import { describe, pythonWithNbd, run, type RunResult } from '../helpers/run';
 import { freshDir, startServer } from '../helpers/spawn-server';
 import { tmpfsDir } from '../helpers/tmpfs';
+import { freePorts } from '../helpers/two-nodes';
 
 /** 16 MiB + 1536: not a multiple of 4096, so the server's partial tail block is exercised. */
 const SIZE = 16 * 1024 * 1024 + 1536;
@@ -223,15 +223,9 @@ interface ScriptResult {
   info: Record<string, unknown>;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
+async function freePort(): Promise<number> {
+  const [port] = await freePorts(1);
+  return port!;
 }
 
 function sleep(ms: number): Promise<void> {

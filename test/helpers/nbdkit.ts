@@ -8,6 +8,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import type { ConnectTarget } from '../../lib/client/uri';
+import { freePorts } from './two-nodes';
 
 /** How long nbdkit may take to accept its first connection (ms). */
 const READY_TIMEOUT_MS = 10_000;
@@ -43,16 +44,10 @@ export interface Nbdkit {
   stop(): Promise<void>;
 }
 
-/** A port the kernel just handed out on 127.0.0.1 (free at the time of the call). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const addr = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(addr.port));
-    });
-  });
+/** A port free on 127.0.0.1 at the time of the call (see freePorts: not one outgoing connections may take). */
+export async function freePort(): Promise<number> {
+  const [port] = await freePorts(1);
+  return port!;
 }
 
 function exited(child: ChildProcess): boolean {

@@ -4,27 +4,47 @@
 // content hash of an export read over NBD (what "byte-identical copies" is checked with).
 
 import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { NbdClient } from '../../lib/client/nbd-client';
 import { freshDir, startServer, type ServerProcess, type TapLike } from './spawn-server';
 import { getStatus } from './status';
 
-/** n distinct free loopback ports: all are held open until every one is chosen, so none repeats. */
+/**
+ * n distinct free loopback ports: all are held open until every one is chosen, so none repeats. They come from
+ * below the kernel's ephemeral range when there is room there: a port from that range (what listen(0) gives)
+ * can be taken, between this check and the server's listen or at a restart on the same port, as the local
+ * port of an outgoing connection of any test running in parallel, and the server then fails with EADDRINUSE.
+ */
 export async function freePorts(n: number): Promise<number[]> {
+  const [lo, hi] = fixedPortRange();
   const servers: net.Server[] = [];
+  const listen = (s: net.Server, port: number): Promise<boolean> =>
+    new Promise((resolve, reject) => {
+      s.once('error', (err: NodeJS.ErrnoException) => (err.code === 'EADDRINUSE' || err.code === 'EACCES' ? resolve(false) : reject(err)));
+      s.listen(port, '127.0.0.1', () => resolve(true));
+    });
   try {
-    for (let i = 0; i < n; i++) {
+    for (let tries = 0; servers.length < n; tries++) {
       const s = net.createServer();
-      servers.push(s);
-      await new Promise<void>((resolve, reject) => {
-        s.once('error', reject);
-        s.listen(0, '127.0.0.1', () => resolve());
-      });
+      const port = hi > lo && tries < 1000 ? lo + Math.floor(Math.random() * (hi - lo)) : 0;
+      if (await listen(s, port)) servers.push(s);
     }
     return servers.map((s) => (s.address() as net.AddressInfo).port);
   } finally {
     await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
   }
+}
+
+/** Ports [lo, hi) for fixed test addresses: under the ephemeral range (empty when there is no room). */
+function fixedPortRange(): [number, number] {
+  let ephemeralLow = 32768;
+  try {
+    ephemeralLow = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || ephemeralLow;
+  } catch {
+    // not Linux: keep the usual default
+  }
+  return [20000, Math.min(ephemeralLow, 32768)];
 }
 
 export interface NodeSpec {
