@@ -28,6 +28,9 @@ import { OosMap } from './oos-map';
 import { type LinkStatus, PeerLink, type PeerLinkOptions } from './peer-link';
 import { RangeLock } from './range-lock';
 
+/** A copy of a mirrored write that did not fail (see Replica.bothAnswered). */
+const NO_ERROR: unique symbol = Symbol('no error');
+
 /** Hidden export names the primary opens on its secondary: LINK_PREFIX + NAME + '/' + token. */
 export const LINK_PREFIX = '.nbdmirror-link/';
 
@@ -274,16 +277,8 @@ export class Replica {
           this.noteUnflushed(offset, length, peer);
         });
         const [l, r] = await Promise.allSettled([local(), mirrored]);
-        if (r.status === 'rejected') {
-          const d = this.diverge();
-          if (d) await d;
-          this.oos.mark(offset, length);
-          this.link!.lost(r.reason);
-        }
-        if (l.status === 'rejected') {
-          // The peer may hold what this copy failed to take: resync makes them equal again.
-          this.oos.mark(offset, length);
-          throw l.reason;
+        if (l.status === 'rejected' || r.status === 'rejected') {
+          await this.bothAnswered(offset, length, l.status === 'rejected' ? l.reason : NO_ERROR, r.status === 'rejected' ? r.reason : NO_ERROR);
         }
       } finally {
         this.al.end(offset, length);
@@ -310,31 +305,33 @@ export class Replica {
     return new Promise<void>((resolve, reject) => new MirroredWrite(this, link!, peer, buf, offset, flags, resolve, reject).start());
   }
 
-  /** Both copies answered a mirrorWrite(): what mutate() does after its Promise.allSettled. */
+  /** Both copies answered a mirrorWrite(). */
   settleMirrored(w: MirroredWrite): void {
     if (w.localError === NO_ERROR && w.remoteError === NO_ERROR) {
       this.endMirrored(w);
       w.resolve();
       return;
     }
-    this.settleFailed(w).then(w.resolve, w.reject);
+    this.bothAnswered(w.offset, w.buf.length, w.localError, w.remoteError)
+      .finally(() => this.endMirrored(w))
+      .then(w.resolve, w.reject);
   }
 
-  private async settleFailed(w: MirroredWrite): Promise<void> {
-    try {
-      if (w.remoteError !== NO_ERROR) {
-        const d = this.diverge();
-        if (d) await d;
-        this.oos.mark(w.offset, w.buf.length);
-        this.link!.lost(w.remoteError);
-      }
-      if (w.localError !== NO_ERROR) {
-        // The peer may hold what this copy failed to take: resync makes them equal again.
-        this.oos.mark(w.offset, w.buf.length);
-        throw w.localError;
-      }
-    } finally {
-      this.endMirrored(w);
+  /**
+   * A mirrored mutation's two copies answered and one failed (NO_ERROR: that copy succeeded). A failed peer
+   * leaves the range out of sync, in a new generation, and drops the link; a failed local copy too (the peer
+   * may hold what this copy failed to take: resync makes them equal again), and rejects with its error.
+   */
+  private async bothAnswered(offset: number, length: number, localError: unknown, remoteError: unknown): Promise<void> {
+    if (remoteError !== NO_ERROR) {
+      const d = this.diverge();
+      if (d) await d;
+      this.oos.mark(offset, length);
+      this.link!.lost(remoteError);
+    }
+    if (localError !== NO_ERROR) {
+      this.oos.mark(offset, length);
+      throw localError;
     }
   }
 
@@ -653,8 +650,6 @@ export class Replica {
     };
   }
 }
-
-const NO_ERROR: unique symbol = Symbol('no error');
 
 /** One Replica.mirrorWrite(): its two copies complete by callbacks; the second to answer settles it. */
 class MirroredWrite {

@@ -58,7 +58,7 @@ import {
   type Negotiated,
   tooBigReply,
 } from './negotiate';
-import type { BufferPool } from './buffer-pool';
+import type { BufferPool } from '../storage/buffer-pool';
 import type { ReceiveBuffer, ReceiveBuffers } from './receive-buffers';
 import { type ValidateContext, validateRequest } from './validate';
 

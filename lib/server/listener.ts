@@ -5,7 +5,7 @@ import * as net from 'node:net';
 import type { Address } from '../config';
 import type { Logger } from '../log';
 import type { NodeRequestStats } from '../metrics/request-stats';
-import { BufferPool } from './buffer-pool';
+import { BufferPool } from '../storage/buffer-pool';
 import { Connection } from './connection';
 import { ReceiveBuffers } from './receive-buffers';
 import type { ExportRegistry } from './exports';

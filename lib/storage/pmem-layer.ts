@@ -36,14 +36,6 @@ const BYPASS_WAIT_ROUNDS = 16;
 /** Writes of at least this many bytes may bypass the region by default (see bypass()). */
 export const BYPASS_MIN = 256 << 10;
 
-/**
- * readSpan keeps the bytes between its miss runs in a reused buffer of this size when they fit (one per read
- * in flight; at most KEPT_SPARES are kept free). A fresh buffer per 1 MiB read next to a busy region was
- * external memory that only major collections reclaim: concurrent marking took 12% of the CPU samples.
- */
-const KEPT_SIZE = 1 << 20;
-const KEPT_SPARES = 8;
-
 /** CACHE prefetches at most this much per request. */
 const CACHE_PREFETCH_MAX = 32 << 20;
 
@@ -55,8 +47,6 @@ export class PmemLayer implements BlockDevice {
   private readonly zeroPage = Buffer.alloc(PAGE_SIZE);
   /** preadNow's miss runs (see takeAtHand). */
   private readonly nowMisses: number[] = [];
-  /** Free buffers for readSpan's kept bytes (a fresh one per long read was external memory for the GC). */
-  private readonly keptSpares: Buffer[] = [];
   /** TRIM/WRITE_ZEROES under way (their pages are detached but still recoverable): no bypass meanwhile. */
   private dropping = 0;
   /** A write went straight to the backing file since the last FLUSH began (pmem durability must flush it). */
@@ -385,7 +375,7 @@ export class PmemLayer implements BlockDevice {
     const k = misses.length;
     const end = misses[k - 3]! + misses[k - 1]!;
     const gaps = end - start - missBytes(misses);
-    const kept = gaps <= KEPT_SIZE ? (this.keptSpares.pop() ?? Buffer.allocUnsafeSlow(KEPT_SIZE)) : Buffer.allocUnsafe(gaps);
+    const kept = this.store.scratch.take(gaps);
     try {
       let at = 0;
       for (let i = 3; i < k; i += 3) at += buf.copy(kept, at, misses[i - 3]! + misses[i - 1]!, misses[i]!);
@@ -396,7 +386,7 @@ export class PmemLayer implements BlockDevice {
         at += kept.copy(buf, from, at, at + (misses[i]! - from));
       }
     } finally {
-      if (kept.length === KEPT_SIZE && this.keptSpares.length < KEPT_SPARES) this.keptSpares.push(kept);
+      this.store.scratch.give(kept);
     }
   }
 

@@ -20,7 +20,7 @@ import { requireThat, requireTool } from '../helpers/requires';
 import { describe, pythonWithNbd, run, type RunResult } from '../helpers/run';
 import { freshDir, startServer } from '../helpers/spawn-server';
 import { tmpfsDir } from '../helpers/tmpfs';
-import { freePorts } from '../helpers/two-nodes';
+import { freePort } from '../helpers/nbdkit';
 
 /** 16 MiB + 1536: not a multiple of 4096, so the server's partial tail block is exercised. */
 const SIZE = 16 * 1024 * 1024 + 1536;
@@ -221,11 +221,6 @@ type Mode = 'rw' | 'ro' | 'refused_write';
 interface ScriptResult {
   compare: Record<string, unknown>;
   info: Record<string, unknown>;
-}
-
-async function freePort(): Promise<number> {
-  const [port] = await freePorts(1);
-  return port!;
 }
 
 function sleep(ms: number): Promise<void> {

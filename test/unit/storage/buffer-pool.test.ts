@@ -1,9 +1,9 @@
-// lib/server/buffer-pool.ts: READ payload buffers by power-of-two size class. Checked: exact lengths from
+// lib/storage/buffer-pool.ts: READ payload buffers by power-of-two size class. Checked: exact lengths from
 // the class's allocation, reuse after give (same memory), the bound on free bytes, and that buffers the pool
 // did not make (or views into the middle of one) are never taken in.
 
 import t from 'tap';
-import { BufferPool, sizeClass } from '../../../lib/server/buffer-pool';
+import { BufferPool, sizeClass } from '../../../lib/storage/buffer-pool';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
