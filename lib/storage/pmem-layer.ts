@@ -335,16 +335,18 @@ export class PmemLayer implements BlockDevice {
   }
 
   /**
-   * Copy into buf what the region (and, for a short read, the read cache) holds of [offset, offset+buf.length), and append the rest
-   * to misses as runs: flat triples (position in buf, export offset, length), adjacent misses merged.
+   * Copy into buf what the region (and, for a short read, the read cache) holds of [offset, offset+buf.length),
+   * and append the rest to misses as runs: flat triples (position in buf, export offset, length), adjacent
+   * misses merged.
    */
   private takeAtHand(buf: Buffer, offset: number, misses: number[]): void {
+    if (buf.length > CACHE_FILL_MAX) {
+      this.takeDirty(buf, offset, misses);
+      return;
+    }
     const s = this.store;
     const r = s.region;
     const e = this.e;
-    // The cache holds what the backing file holds: a long read, which the cache does not keep either, reads
-    // its misses from the file in a few long runs rather than looking up every page.
-    const cached = buf.length <= CACHE_FILL_MAX;
     let pos = 0;
     while (pos < buf.length) {
       const off = offset + pos;
@@ -354,13 +356,41 @@ export class PmemLayer implements BlockDevice {
       const slot = e.index.get(block);
       if (slot !== undefined) {
         r.page(slot).copy(buf, pos, inPage, inPage + n);
-      } else if (!cached || !s.cache.readInto(e.id, block, buf, pos, inPage, inPage + n)) {
+      } else if (!s.cache.readInto(e.id, block, buf, pos, inPage, inPage + n)) {
         const k = misses.length;
         if (k !== 0 && misses[k - 3]! + misses[k - 1]! === pos) misses[k - 1]! += n;
         else misses.push(pos, off, n);
       }
       pos += n;
     }
+  }
+
+  /**
+   * takeAtHand for a long read, which the read cache does not keep: only the dirty pages come from the
+   * region, everything else is read from the backing file in as few runs as possible. A clean page holds
+   * what the backing file holds (it became clean when its writeback's pwrite returned), and after random
+   * writes one sits every few blocks: taking those split the read, or cost a copy aside and back around one
+   * long read (readSpan), and looking every block up in the index cost a cache miss each. The dirty bitmap
+   * finds the dirty blocks a word at a time. A page being dropped by a TRIM/WRITE_ZEROES is out of the index
+   * and the bitmap already, as for a short read.
+   */
+  private takeDirty(buf: Buffer, offset: number, misses: number[]): void {
+    const e = this.e;
+    const r = this.store.region;
+    const len = buf.length;
+    const last = Math.floor((offset + len - 1) / PAGE_SIZE);
+    let from = 0; // start of the current miss run in buf
+    for (let b = e.dirty.nextSet(Math.floor(offset / PAGE_SIZE)); b >= 0 && b <= last; b = e.dirty.nextSet(b + 1)) {
+      const slot = e.index.get(b);
+      if (slot === undefined) continue; // not resident after all: read it from the file with its neighbours
+      const start = Math.max(b * PAGE_SIZE - offset, 0);
+      const end = Math.min((b + 1) * PAGE_SIZE - offset, len);
+      if (start > from) misses.push(from, offset + from, start - from);
+      const inPage = offset + start - b * PAGE_SIZE;
+      r.page(slot).copy(buf, start, inPage, inPage + (end - start));
+      from = end;
+    }
+    if (from < len) misses.push(from, offset + from, len - from);
   }
 
   /**
@@ -420,6 +450,9 @@ export class PmemLayer implements BlockDevice {
 
   /** The backing file's extents of [offset, offset+length) with the region's resident blocks as data. */
   private withResident(backing: Extent[], offset: number, length: number): Extent[] {
+    // Resident blocks only turn holes into data: with none (the common case of a written export) there is
+    // nothing to look up.
+    if (allData(backing)) return backing;
     const first = Math.floor(offset / PAGE_SIZE);
     const last = Math.floor((offset + length - 1) / PAGE_SIZE);
     const index = this.e.index;
@@ -575,6 +608,11 @@ function denseMisses(misses: readonly number[]): boolean {
 }
 
 /** Mark the (sorted) resident blocks as data within backing extents that start at offset. */
+function allData(extents: readonly Extent[]): boolean {
+  for (const x of extents) if (x.flags !== 0) return false;
+  return true;
+}
+
 function overlayData(backing: Extent[], offset: number, resident: number[]): Extent[] {
   const out: Extent[] = [];
   const push = (length: number, flags: number): void => {

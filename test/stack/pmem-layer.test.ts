@@ -1029,6 +1029,37 @@ t.test('long reads in flight together through a busy region each keep their own 
   }
 });
 
+t.test('a long read takes only the dirty pages from the region: clean ones are read with the backing file', async (t) => {
+  const s = await stack(t, { size: 4 * MiB });
+  const { layer, dev } = s;
+  const span = 1 * MiB;
+  const pages = span / PS;
+  await dev.inner.pwrite(pattern(span, 3), 0);
+  const expect = pattern(span, 3);
+  const put = async (b: number, seed: number): Promise<void> => {
+    const p = pattern(PS, seed);
+    await layer.pwrite(p, b * PS);
+    p.copy(expect, b * PS);
+  };
+  for (let b = 0; b < pages; b += 3) await put(b, 500 + b);
+  await put(pages - 1, 499);
+  await layer.flush(); // written back: every resident page is clean, the backing device holds the same bytes
+  t.ok(s.se.index.has(0) && s.se.index.has(pages - 1) && s.se.dirty.nextSet(0) === -1, 'resident and clean at both ends');
+  const seen: Array<[number, number]> = [];
+  dev.beforeRead = async (offset, length) => void seen.push([offset, length]);
+  t.ok((await read(layer, 0, span)).equals(expect), 'clean pages: the right bytes');
+  t.same(seen, [[0, span]], 'one backing read of the whole span, around none of the clean pages');
+  // Newer bytes in pages 0, 100 and 200: dirty, so only the region has them.
+  for (const b of [0, 100, 200]) await put(b, 900 + b);
+  seen.length = 0;
+  t.ok((await read(layer, 0, span)).equals(expect), 'dirty pages come from the region');
+  t.same(seen, [[PS, span - PS]], 'the leading dirty page is not read from the backing file, the rest in one read');
+  // A long read starting inside a dirty page and ending inside a clean one.
+  seen.length = 0;
+  t.ok((await read(layer, 100 * PS + 123, 200 * KiB)).equals(expect.subarray(100 * PS + 123, 100 * PS + 123 + 200 * KiB)), 'unaligned');
+  t.same(seen, [[101 * PS, 200 * KiB - (PS - 123)]], 'the rest of the span after the dirty page');
+});
+
 t.test('extents: resident pages are data, trimmed pages holes, zero with and without trim', async (t) => {
   const s = await stack(t, { size: 64 * PS });
   const { layer } = s;
