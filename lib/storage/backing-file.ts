@@ -65,6 +65,13 @@ export class BackingFile implements BlockDevice {
   ) {
     this.caps = fullCapabilities(readOnly);
     this.inMemory = onMemoryFilesystem(imgPath);
+    const handle = img;
+    this.allocatedWrite = {
+      get fd(): number {
+        return handle.fd; // read at each use: -1 once closed, never a number reused by another file
+      },
+      done: this.markDirty,
+    };
   }
 
   /** Open (creating at `size` if absent) and lock NAME.img in dir. */
@@ -172,7 +179,7 @@ export class BackingFile implements BlockDevice {
     // Dirty from now on: even a write that fails half way has changed the file.
     if (this.map.allSet(first, last)) {
       this.dirty = true;
-      return { fd: this.img.fd, done: this.markDirty };
+      return this.allocatedWrite;
     }
     if (offset % ALLOC_BLOCK_SIZE !== 0 || (end % ALLOC_BLOCK_SIZE !== 0 && end !== this.size)) return null;
     if (this.holdsStaleBytes(first, last)) return null;
@@ -190,6 +197,12 @@ export class BackingFile implements BlockDevice {
       },
     };
   }
+
+  /**
+   * directWrite's answer for allocated blocks, one object for every call: the writeback keeps one per run
+   * until its batch is written, long enough for a fresh object to reach V8's old generation.
+   */
+  private readonly allocatedWrite: DirectWrite;
 
   private readonly markDirty = (): void => {
     this.dirty = true;

@@ -5,6 +5,7 @@
 import { BlockBitmap } from './block-bitmap';
 import { BufferPool } from './buffer-pool';
 import { BlockIndex } from './block-index';
+import { SlotFifo } from './slot-fifo';
 import type { BlockDevice } from './block-device';
 import { PAGE_SIZE, PmemRegion, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE } from './pmem-region';
 import type { ReadCache } from './read-cache';
@@ -56,7 +57,7 @@ export class PmemStore {
   /** Clean slots in the order they became clean: eviction takes the oldest unpinned one. */
   private readonly cleanQueue: CleanQueue;
   /** Slots in the order they became dirty: its head is the oldest dirty page (writeback age, stats). */
-  private readonly dirtyQueue: DirtyQueue;
+  private readonly dirtyQueue: SlotFifo;
   private slotWaiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
   private unpinWaiters = new Map<number, Array<() => void>>();
   /** Slots to release once their writeback finishes (superseded or invalidated while pinned). */
@@ -80,7 +81,7 @@ export class PmemStore {
     readonly cache: ReadCache,
   ) {
     this.cleanQueue = new CleanQueue(region.pageCount);
-    this.dirtyQueue = new DirtyQueue((slot, seq) => region.slotState[slot] === SLOT_DIRTY && region.slotSeq[slot] === seq);
+    this.dirtyQueue = new SlotFifo((slot, seq) => region.slotState[slot] === SLOT_DIRTY && region.slotSeq[slot] === seq);
     this.releaseOnUnpin = new Uint8Array(region.pageCount);
     this.detached = new Uint8Array(region.pageCount);
     this.pinExport = new Int32Array(region.pageCount);
@@ -312,7 +313,7 @@ export class PmemStore {
 
   /** The oldest dirty slot, or -1 when nothing is dirty. */
   oldestDirtySlot(): number {
-    return this.dirtyQueue.head();
+    return this.dirtyQueue.first();
   }
 
   /**
@@ -355,20 +356,19 @@ export { PAGE_SIZE, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE };
 /**
  * Clean slots in the order they became clean: a FIFO with lazy deletion. Each add stamps the slot with a new
  * ticket; a queue entry counts only while its ticket is the slot's current one, so a slot deleted and added
- * again is taken at its new place, not its old one. Stale entries are dropped at the head, and the queue is
- * compacted when they outnumber the live ones (pages cleaned and rewritten in place, never evicted).
+ * again is taken at its new place, not its old one.
  */
 class CleanQueue {
-  private slots: number[] = [];
-  private tickets: number[] = [];
-  private head = 0;
+  private readonly fifo: SlotFifo;
   private n = 0;
   private nextTicket = 1;
   /** The ticket of each member slot; 0 = not a member. */
   private readonly member: Float64Array;
 
   constructor(slots: number) {
-    this.member = new Float64Array(slots);
+    const member = new Float64Array(slots);
+    this.member = member;
+    this.fifo = new SlotFifo((slot, ticket) => member[slot] === ticket);
   }
 
   get size(): number {
@@ -380,9 +380,7 @@ class CleanQueue {
     const ticket = this.nextTicket++;
     this.member[slot] = ticket;
     this.n++;
-    this.slots.push(slot);
-    this.tickets.push(ticket);
-    if (this.slots.length - this.head > 2 * this.n + 4096) this.compact();
+    this.fifo.push(slot, ticket);
   }
 
   delete(slot: number): void {
@@ -393,92 +391,11 @@ class CleanQueue {
 
   /** The oldest member, removed; -1 when empty. */
   shift(): number {
-    while (this.head < this.slots.length) {
-      const slot = this.slots[this.head]!;
-      const ticket = this.tickets[this.head]!;
-      this.head++;
-      if (this.member[slot] === ticket) {
-        this.member[slot] = 0;
-        this.n--;
-        if (this.head > 4096 && this.head * 2 > this.slots.length) this.compact();
-        return slot;
-      }
+    const slot = this.fifo.shift();
+    if (slot >= 0) {
+      this.member[slot] = 0;
+      this.n--;
     }
-    return -1;
-  }
-
-  private compact(): void {
-    const slots: number[] = [];
-    const tickets: number[] = [];
-    for (let i = this.head; i < this.slots.length; i++) {
-      if (this.member[this.slots[i]!] === this.tickets[i]) {
-        slots.push(this.slots[i]!);
-        tickets.push(this.tickets[i]!);
-      }
-    }
-    this.slots = slots;
-    this.tickets = tickets;
-    this.head = 0;
-  }
-}
-
-/**
- * Dirty slots in the order they became dirty, each with the sequence number it had then: an entry is live while
- * the slot is still dirty at that sequence number (a dirty page is never rewritten in place, so a new version
- * means a new entry). Stale entries are dropped at the head, and the whole queue is compacted when it grows
- * past twice the live ones.
- */
-class DirtyQueue {
-  private slots: number[] = [];
-  private seqs: number[] = [];
-  private start = 0;
-  private compactAt = 8192;
-
-  constructor(private readonly live: (slot: number, seq: number) => boolean) {}
-
-  push(slot: number, seq: number): void {
-    this.slots.push(slot);
-    this.seqs.push(seq);
-    if (this.slots.length - this.start >= this.compactAt) this.compact();
-  }
-
-  /** The oldest live slot (stale entries before it are dropped), or -1. */
-  head(): number {
-    while (this.start < this.slots.length) {
-      const slot = this.slots[this.start]!;
-      if (this.live(slot, this.seqs[this.start]!)) {
-        if (this.start >= 4096 && this.start * 2 >= this.slots.length) {
-          this.slots = this.slots.slice(this.start);
-          this.seqs = this.seqs.slice(this.start);
-          this.start = 0;
-        }
-        return slot;
-      }
-      this.start++;
-    }
-    this.slots = [];
-    this.seqs = [];
-    this.start = 0;
-    return -1;
-  }
-
-  /** Up to limit slots from the head (live or not). */
-  peek(limit: number): number[] {
-    return this.slots.slice(this.start, this.start + limit);
-  }
-
-  private compact(): void {
-    const slots: number[] = [];
-    const seqs: number[] = [];
-    for (let i = this.start; i < this.slots.length; i++) {
-      if (this.live(this.slots[i]!, this.seqs[i]!)) {
-        slots.push(this.slots[i]!);
-        seqs.push(this.seqs[i]!);
-      }
-    }
-    this.slots = slots;
-    this.seqs = seqs;
-    this.start = 0;
-    this.compactAt = Math.max(8192, slots.length * 2);
+    return slot;
   }
 }

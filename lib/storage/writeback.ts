@@ -37,16 +37,47 @@ const RUNS_IN_FLIGHT = 4;
 /** Pause before retrying a failed writeback (ms): a full disk is not fixed in a microsecond. */
 const RETRY_MS = 200;
 
-interface Run {
-  e: StoreExport;
-  block: number;
-  slots: number[];
-  seqs: number[];
-}
+/** Batches kept for reuse. */
+const MAX_SPARE_BATCHES = 4;
+/** Pages in one batch at most: a run that starts below BATCH_PAGES may still grow to MAX_RUN_PAGES. */
+const MAX_BATCH_SLOTS = BATCH_PAGES + MAX_RUN_PAGES - 1;
 
-/** Bytes a run writes: its pages, the last one cut at the export's end. */
-function runLength(run: Run): number {
-  return Math.min(run.slots.length * PAGE_SIZE, run.e.backing.size - run.block * PAGE_SIZE);
+/**
+ * One export's pages picked for writeback, as runs of adjacent blocks, in flat arrays that are reused from
+ * batch to batch. A batch lives until its backing writes are done, often across several scavenges while the
+ * writeback thread (at low priority) has its turn: an object and two arrays per run, as it had been, were
+ * promoted to V8's old generation and grew the heap by tens of MiB between major collections.
+ */
+class Batch {
+  e!: StoreExport;
+  runs = 0;
+  /** Run r writes slots[first[r]] .. slots[first[r + 1] - 1] to blocks block[r] onwards. */
+  readonly block = new Float64Array(BATCH_PAGES);
+  readonly first = new Int32Array(BATCH_PAGES + 1);
+  readonly slots = new Int32Array(MAX_BATCH_SLOTS);
+  /** The sequence number of each slot when picked: it becomes clean only if it still holds that one. */
+  readonly seqs = new Float64Array(MAX_BATCH_SLOTS);
+  /** Per run: its write failed (the pages stay dirty). */
+  readonly failed = new Uint8Array(BATCH_PAGES);
+  /** Per run written by the writeback thread: the backing file's permission and bookkeeping for it. */
+  readonly direct: Array<DirectWrite | null> = [];
+
+  pages(r: number): number {
+    return this.first[r + 1]! - this.first[r]!;
+  }
+
+  /** Bytes run r writes: its pages, the last one cut at the export's end. */
+  length(r: number): number {
+    return Math.min(this.pages(r) * PAGE_SIZE, this.e.backing.size - this.block[r]! * PAGE_SIZE);
+  }
+
+  offset(r: number): number {
+    return this.block[r]! * PAGE_SIZE;
+  }
+
+  runSlots(r: number): number[] {
+    return Array.from(this.slots.subarray(this.first[r]!, this.first[r + 1]!));
+  }
 }
 
 export class Writeback {
@@ -58,6 +89,8 @@ export class Writeback {
   private idleWaiters: Array<() => void> = [];
   /** Woken whenever a batch of backing writes finishes. */
   private batchWaiters: Array<() => void> = [];
+  /** Batches done with, for reuse (the background pass and FLUSHes may each have one in flight). */
+  private readonly spareBatches: Batch[] = [];
 
   constructor(
     private readonly store: PmemStore,
@@ -94,14 +127,14 @@ export class Writeback {
 
   private async loop(): Promise<void> {
     while (!this.stopped && this.needed()) {
-      const runs = this.pick(null, Infinity);
-      if (runs.length === 0) {
+      const batch = this.pick(null, Infinity);
+      if (batch === null) {
         // Everything dirty is already being written; wait a moment for those writes.
         await new Promise((r) => setTimeout(r, 1));
         continue;
       }
       try {
-        await this.write(runs);
+        await this.write(batch);
         // Backing writes may have been synchronous: let the event loop serve requests between batches.
         await new Promise((r) => setImmediate(r));
       } catch (err) {
@@ -120,9 +153,9 @@ export class Writeback {
    */
   async flushExport(e: StoreExport, maxSeq = Infinity): Promise<void> {
     for (;;) {
-      const runs = this.pick(e, maxSeq);
-      if (runs.length > 0) {
-        await this.write(runs);
+      const batch = this.pick(e, maxSeq);
+      if (batch !== null) {
+        await this.write(batch);
         continue;
       }
       if (!this.pinnedDirty(e, maxSeq)) break;
@@ -167,12 +200,16 @@ export class Writeback {
    * worker sweeps each export's dirty bitmap in offset order from where the last batch stopped (an elevator),
    * so pages dirtied in random order still coalesce and every page is reached within one sweep.
    */
-  private pick(only: StoreExport | null, maxSeq: number): Run[] {
+  private pick(only: StoreExport | null, maxSeq: number): Batch | null {
     const s = this.store;
     const r = s.region;
     const e = only ?? this.chooseExport();
-    if (e === null || e.dirty.count === 0) return [];
-    const runs: Run[] = [];
+    if (e === null || e.dirty.count === 0) return null;
+    const batch = this.spareBatches.pop() ?? new Batch();
+    batch.e = e;
+    batch.runs = 0;
+    const { block: runBlock, first, slots, seqs } = batch;
+    let runs = 0;
     let taken = 0;
     const start = e.wbCursor;
     let wrapped = false;
@@ -190,107 +227,117 @@ export class Writeback {
       // being written (writing this one now could let the older write land last, leaving the backing file
       // stale under a page marked clean).
       if (r.slotPins[slot] === 0 && r.slotSeq[slot]! <= maxSeq && !s.isWriting(e.id, block)) {
-        const last = runs[runs.length - 1];
-        if (last && last.block + last.slots.length === block && last.slots.length < MAX_RUN_PAGES) {
-          last.slots.push(slot);
-          last.seqs.push(r.slotSeq[slot]!);
-        } else {
+        const extend = runs > 0 && runBlock[runs - 1]! + (taken - first[runs - 1]!) === block && taken - first[runs - 1]! < MAX_RUN_PAGES;
+        if (!extend) {
           if (taken >= BATCH_PAGES) break;
-          runs.push({ e, block, slots: [slot], seqs: [r.slotSeq[slot]!] });
+          runBlock[runs] = block;
+          first[runs] = taken;
+          runs++;
         }
-        s.pin(slot);
+        slots[taken] = slot;
+        seqs[taken] = r.slotSeq[slot]!;
         taken++;
+        first[runs] = taken;
+        s.pin(slot);
       }
       block = e.dirty.nextSet(block + 1);
     }
     e.wbCursor = block < 0 ? 0 : block;
-    return runs;
+    if (runs === 0) {
+      if (this.spareBatches.length < MAX_SPARE_BATCHES) this.spareBatches.push(batch);
+      return null;
+    }
+    batch.runs = runs;
+    return batch;
   }
 
-  /** Write runs to their backing file (a few at a time); pages count as clean only when it is done. */
-  private async write(runs: Run[]): Promise<void> {
+  /** Write a batch to its backing file (a few runs at a time); pages count as clean only when it is done. */
+  private async write(batch: Batch): Promise<void> {
     const s = this.store;
+    const e = batch.e;
+    const runs = batch.runs;
     let failed: unknown = null;
-    const failedRuns = new Set<Run>();
-    const fail = (run: Run, err: unknown): void => {
+    batch.failed.fill(0, 0, runs);
+    const fail = (r: number, err: unknown): void => {
       failed ??= err;
-      failedRuns.add(run);
+      batch.failed[r] = 1;
     };
     // Runs the writeback thread can write with a plain pwrite go there; the rest are written here.
     const io = this.opts.io?.usable ? this.opts.io : null;
-    const threaded: Array<{ run: Run; dw: DirectWrite; len: number }> = [];
-    let local = runs;
-    if (io !== null) {
-      local = [];
-      for (const run of runs) {
-        const len = runLength(run);
-        // Long runs are written here: one large write is cheap per page, and its pages are free sooner.
-        const dw = run.slots.length >= THREAD_MAX_RUN_PAGES ? null : (run.e.backing.directWrite?.(run.block * PAGE_SIZE, len) ?? null);
-        if (dw === null) local.push(run);
-        else threaded.push({ run, dw, len });
-      }
+    const threaded: number[] = [];
+    const local: number[] = [];
+    for (let r = 0; r < runs; r++) {
+      // Long runs are written here: one large write is cheap per page, and its pages are free sooner.
+      const dw = io === null || batch.pages(r) >= THREAD_MAX_RUN_PAGES ? null : (e.backing.directWrite?.(batch.offset(r), batch.length(r)) ?? null);
+      batch.direct[r] = dw;
+      if (dw === null) local.push(r);
+      else threaded.push(r);
     }
     const inThread =
       threaded.length === 0
         ? null
-        : io!.write(threaded.map((x) => ({ fd: x.dw.fd, offset: x.run.block * PAGE_SIZE, length: x.len, slots: x.run.slots })), s.waitingForSlots > 0).then(
+        : io!.write(threaded.map((r) => ({ fd: batch.direct[r]!.fd, offset: batch.offset(r), length: batch.length(r), slots: batch.runSlots(r) })), s.waitingForSlots > 0).then(
             (errors) => {
               errors.forEach((err, i) => {
-                const x = threaded[i]!;
-                if (err !== null) return fail(x.run, err);
-                x.dw.done();
-                this.bytesWritten += x.len;
+                const r = threaded[i]!;
+                if (err !== null) return fail(r, err);
+                batch.direct[r]!.done();
+                this.bytesWritten += batch.length(r);
               });
             },
             // The thread died: these pages stay dirty and are retried on the event loop.
             (err: unknown) => {
-              for (const x of threaded) fail(x.run, err);
+              for (const r of threaded) fail(r, err);
             },
           );
     let next = 0;
     const worker = async (): Promise<void> => {
       while (next < local.length) {
-        const run = local[next++]!;
-        const len = runLength(run);
-        if (run.e.backing.pwriteNow !== undefined) {
+        const r = local[next++]!;
+        const len = batch.length(r);
+        const off = batch.offset(r);
+        const slots = batch.runSlots(r);
+        if (e.backing.pwriteNow !== undefined) {
           // Straight from the region pages, synchronously: nothing can reuse them during the call.
-          let pages = run.slots.map((slot) => s.region.page(slot));
+          let pages = slots.map((slot) => s.region.page(slot));
           if (len < pages.length * PAGE_SIZE) pages = [...pages.slice(0, -1), pages[pages.length - 1]!.subarray(0, len % PAGE_SIZE)];
           try {
-            if (run.e.backing.pwriteNow(pages, run.block * PAGE_SIZE)) {
+            if (e.backing.pwriteNow(pages, off)) {
               this.bytesWritten += len;
               continue;
             }
           } catch (err) {
-            fail(run, err);
+            fail(r, err);
             continue;
           }
         }
         // Copy out of the region so a page reused later cannot change what this write puts on disk.
-        const buf = Buffer.allocUnsafe(run.slots.length * PAGE_SIZE);
-        run.slots.forEach((slot, i) => s.region.page(slot).copy(buf, i * PAGE_SIZE));
+        const buf = Buffer.allocUnsafe(slots.length * PAGE_SIZE);
+        slots.forEach((slot, i) => s.region.page(slot).copy(buf, i * PAGE_SIZE));
         try {
-          await run.e.backing.pwrite(buf.subarray(0, len), run.block * PAGE_SIZE);
+          await e.backing.pwrite(buf.subarray(0, len), off);
           this.bytesWritten += len;
         } catch (err) {
-          fail(run, err);
+          fail(r, err);
         }
       }
     };
     await Promise.all([inThread, ...Array.from({ length: Math.min(RUNS_IN_FLIGHT, local.length) }, worker)]);
     if (failed === null && this.opts.syncBeforeClean) {
-      const exports = new Set(runs.map((r) => r.e));
       try {
-        for (const e of exports) await e.backing.flush();
+        await e.backing.flush();
       } catch (err) {
         failed = err;
-        for (const run of runs) failedRuns.add(run);
+        batch.failed.fill(1, 0, runs);
       }
     }
-    for (const run of runs) {
-      const ok = !failedRuns.has(run);
-      run.slots.forEach((slot, i) => s.unpin(slot, ok ? run.seqs[i]! : null));
+    const { first, slots, seqs } = batch;
+    for (let r = 0; r < runs; r++) {
+      const ok = batch.failed[r] === 0;
+      for (let i = first[r]!; i < first[r + 1]!; i++) s.unpin(slots[i]!, ok ? seqs[i]! : null);
     }
+    batch.direct.fill(null);
+    if (this.spareBatches.length < MAX_SPARE_BATCHES) this.spareBatches.push(batch);
     const w = this.batchWaiters;
     this.batchWaiters = [];
     for (const f of w) f();
