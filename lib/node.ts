@@ -60,6 +60,11 @@ export interface NbdmirrorNode {
 
 // DATA_DIR/node.json. Bump NODE_FILE_VERSION on any change of its fields.
 const NODE_FILE_VERSION = 1;
+/**
+ * The replication link's payload budget per connection (see Connection.MAX_IN_FLIGHT_BYTES): one link carries
+ * the mirrored writes of every client connection of the primary, and resync's, so it gets the room of several.
+ */
+const LINK_PAYLOAD_BUDGET = 64 * 1024 * 1024;
 
 /** The node's identity, created on first start and kept in the data dir. */
 async function loadNodeUuid(dataDir: string): Promise<string> {
@@ -165,7 +170,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
       const slash = rest.lastIndexOf('/');
       const r = replicas.find((x) => x.name === rest.slice(0, slash));
       const device = r?.linkDevice(rest.slice(slash + 1));
-      return device === undefined ? undefined : { name, description: 'nbdmirror replication link', device, stats: requests.for(r!.name, 'peer'), answerAtOnce: true };
+      return device === undefined ? undefined : { name, description: 'nbdmirror replication link', device, stats: requests.for(r!.name, 'peer'), answerAtOnce: true, payloadBudget: LINK_PAYLOAD_BUDGET };
     };
 
     const status = (): NodeStatus => ({

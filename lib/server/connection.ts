@@ -66,10 +66,16 @@ import { type ValidateContext, validateRequest } from './validate';
 export const HANDSHAKE_TIMEOUT_MS = 30_000;
 /** Requests in flight per connection before we stop reading from the socket. */
 export const MAX_IN_FLIGHT_REQUESTS = 256;
-/** Payload bytes (write data held + read buffers) in flight per connection before we stop reading. */
-export const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
-/** Reply bytes queued in the socket (client not reading) before we stop reading requests. */
-export const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
+/**
+ * Payload bytes (write data held + read buffers) in flight per connection before we stop reading, unless the
+ * export sets its own (ExportHandle.payloadBudget). Every long payload is memory the process keeps: malloc's
+ * arena does not shrink after a burst, so the deepest burst sets the RSS for good. nbdcopy keeps 64 requests
+ * of 256 KiB in flight on each of 4 connections; at 64 MiB per connection that grew the arena by 30 MiB,
+ * while 8 MiB still keeps the socket busy (the same copy time).
+ */
+export const MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024;
+/** Reply bytes queued in the socket (client not reading) before we stop reading requests (see above). */
+export const MAX_QUEUED_REPLY_BYTES = 8 * 1024 * 1024;
 /** On server stop, how long an idle connection is kept (answering ESHUTDOWN) so the client can DISC. */
 export const SHUTDOWN_GRACE_MS = 1000;
 
@@ -263,6 +269,8 @@ export class Connection {
     this.exportName = n.export.name;
     this.stats = n.export.stats ?? null;
     this.answerAtOnce = n.export.answerAtOnce === true;
+    this.maxInFlightBytes = n.export.payloadBudget ?? MAX_IN_FLIGHT_BYTES;
+    this.maxQueuedReplyBytes = n.export.payloadBudget ?? MAX_QUEUED_REPLY_BYTES;
     this.structured = n.structuredReplies;
     this.vctx = { size: n.export.device.size, flags: n.flags, structuredReplies: n.structuredReplies, baseAllocation: n.baseAllocation };
     this.log = this.log.child({ export: n.export.name });
@@ -579,6 +587,9 @@ export class Connection {
   private inInput = false;
   /** The export's answerAtOnce: replies are never deferred. */
   private answerAtOnce = false;
+  /** Limits before reading pauses (see MAX_IN_FLIGHT_BYTES, ExportHandle.payloadBudget). */
+  private maxInFlightBytes = MAX_IN_FLIGHT_BYTES;
+  private maxQueuedReplyBytes = MAX_QUEUED_REPLY_BYTES;
   private deferRounds = 0;
   private seenAtDefer = 0;
 
@@ -715,8 +726,8 @@ export class Connection {
     if (this.paused) return;
     if (
       this.inFlight >= MAX_IN_FLIGHT_REQUESTS ||
-      this.inFlightBytes >= MAX_IN_FLIGHT_BYTES ||
-      this.queuedReplyBytes() >= MAX_QUEUED_REPLY_BYTES
+      this.inFlightBytes >= this.maxInFlightBytes ||
+      this.queuedReplyBytes() >= this.maxQueuedReplyBytes
     ) {
       this.paused = true;
       this.socket.pause();
@@ -727,8 +738,8 @@ export class Connection {
     if (!this.paused) return;
     if (
       this.inFlight < MAX_IN_FLIGHT_REQUESTS &&
-      this.inFlightBytes < MAX_IN_FLIGHT_BYTES &&
-      this.queuedReplyBytes() < MAX_QUEUED_REPLY_BYTES
+      this.inFlightBytes < this.maxInFlightBytes &&
+      this.queuedReplyBytes() < this.maxQueuedReplyBytes
     ) {
       this.paused = false;
       if (this.phase !== 'transmission') return;

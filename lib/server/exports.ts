@@ -34,6 +34,11 @@ export interface ExportHandle {
    * for a client that waits for each batch of replies before it can go on, as the mirror's primary does.
    */
   readonly answerAtOnce?: boolean;
+  /**
+   * Payload bytes a connection to this export may hold in flight, and reply bytes it may queue, before it
+   * stops reading requests (each; default MAX_IN_FLIGHT_BYTES and MAX_QUEUED_REPLY_BYTES).
+   */
+  readonly payloadBudget?: number;
 }
 
 export class ExportRegistry {
