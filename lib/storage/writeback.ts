@@ -75,8 +75,11 @@ class Batch {
     return this.block[r]! * PAGE_SIZE;
   }
 
+  /** Run r's slots as a plain array (for the writeback thread's message; short-lived). */
   runSlots(r: number): number[] {
-    return Array.from(this.slots.subarray(this.first[r]!, this.first[r + 1]!));
+    const out: number[] = [];
+    for (let i = this.first[r]!; i < this.first[r + 1]!; i++) out.push(this.slots[i]!);
+    return out;
   }
 }
 
