@@ -62,6 +62,9 @@ import type { BufferPool } from '../storage/buffer-pool';
 import type { ReceiveBuffer, ReceiveBuffers } from './receive-buffers';
 import { type ValidateContext, validateRequest } from './validate';
 
+/** The rest of a WRITE payload at least this long is read straight into its buffer (see directTarget). */
+const DIRECT_READ_MIN = 16 * 1024;
+const NO_BYTES = Buffer.alloc(0);
 /** A client must finish the handshake within this many ms (a slow or idle handshake holds a slot). */
 export const HANDSHAKE_TIMEOUT_MS = 30_000;
 /** Requests in flight per connection before we stop reading from the socket. */
@@ -154,6 +157,7 @@ export class Connection {
     this.handshakeTimer = setTimeout(() => this.abort('handshake timed out'), HANDSHAKE_TIMEOUT_MS);
     this.handshakeTimer.unref();
     socket.write(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
+    deps.rx.direct = this.directTarget;
   }
 
   /** Server is stopping: refuse new work with ESHUTDOWN, finish what is in flight, flush, close. */
@@ -180,9 +184,27 @@ export class Connection {
    * that buffer, which the next read may overwrite.
    */
   receive(chunk: Buffer): void {
+    const pw = this.pendingWrite;
+    if (pw !== null && chunk.buffer === pw.buf.buffer && chunk.byteOffset === pw.buf.byteOffset + pw.filled) {
+      // The read went straight into the payload (directTarget); nothing else is buffered meanwhile.
+      pw.filled += chunk.length;
+      if (pw.filled === pw.buf.length) this.onData(NO_BYTES); // process() dispatches the write
+      return;
+    }
     this.onData(chunk);
     this.reader.detach();
   }
+
+  /**
+   * The rest of a long WRITE payload still to arrive, for the socket's next read to land in (see
+   * ReceiveBuffers.direct); null to read into the receive buffers. While a payload is pending the reader
+   * holds nothing (process() moved everything buffered into it), so the next bytes on the wire are its own.
+   */
+  private readonly directTarget = (): Buffer | null => {
+    const pw = this.pendingWrite;
+    if (pw === null || pw.buf.length - pw.filled < DIRECT_READ_MIN || this.phase !== 'transmission') return null;
+    return pw.buf.subarray(pw.filled);
+  };
 
   private onData(chunk: Buffer): void {
     if (this.phase === 'finishing' || this.phase === 'closed') return;

@@ -23,6 +23,12 @@ export class ReceiveBuffers {
   private readonly spares: ReceiveBuffer[] = [];
   /** Buffers allocated beyond the first: how often pins forced a new one. */
   allocated = 0;
+  /**
+   * Where the next read should land instead, if anywhere: the rest of a long WRITE payload being received
+   * (Connection.directTarget). The kernel then copies it straight into the payload's buffer, in reads as long
+   * as what is left of it, instead of into these buffers and from there into the payload's.
+   */
+  direct: (() => Buffer | null) | null = null;
 
   private static fresh(): ReceiveBuffer {
     return { buf: Buffer.allocUnsafeSlow(RECEIVE_BUFFER_SIZE), pins: 0 };
@@ -30,6 +36,8 @@ export class ReceiveBuffers {
 
   /** The buffer for the next read (net.Socket calls this after every read). */
   readonly next = (): Buffer => {
+    const d = this.direct === null ? null : this.direct();
+    if (d !== null) return d;
     if (this.cur.pins !== 0) {
       const spare = this.spares.pop();
       if (spare !== undefined) this.cur = spare;

@@ -140,3 +140,47 @@ t.test('receive buffers', async (t) => {
     t.ok([...r.values()].every((e) => e === 0));
   });
 });
+
+t.test('the rest of a long WRITE payload is read straight into its buffer, and no further', async (t) => {
+  const mem = new MemoryDevice({ size: 8 << 20 });
+  const server = new NbdServer(new ExportRegistry([{ name: 'mem', description: '', device: mem }]), silentLogger());
+  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+  t.teardown(() => server.stop());
+  const c = await RawConn.connect(port);
+  t.teardown(() => c.destroy());
+  await c.handshake('mem');
+  c.socket.setNoDelay(true);
+  const model = Buffer.alloc(8 << 20);
+  // Writes of 17 KiB to 300 KiB at unaligned offsets. Each goes out in pieces with pauses between them, so the
+  // server holds a partial payload when the next read comes. The last piece carries the next request's
+  // header, and often all of it, in the same send: a read into the payload must stop where the payload ends.
+  let seed = 7;
+  const rnd = (n: number): number => {
+    seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+    return seed % n;
+  };
+  const count = 24;
+  const wire: Buffer[] = [];
+  for (let i = 0; i < count; i++) {
+    const length = (17 << 10) + rnd(283 << 10);
+    const offset = rnd((8 << 20) - length);
+    const payload = Buffer.alloc(length);
+    for (let k = 0; k < length; k += 4096) payload.fill((i * 37 + k / 4096) & 0xff, k, Math.min(length, k + 4096));
+    payload.copy(model, offset);
+    wire.push(encodeRequest({ type: C.NBD_CMD_WRITE, flags: 0, cookie: BigInt(i), offset, length }), payload);
+  }
+  const all = Buffer.concat(wire);
+  for (let at = 0; at < all.length; ) {
+    const n = 1 + rnd(400 << 10);
+    c.send(all.subarray(at, at + n));
+    at += n;
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  const r = await replies(c, count);
+  t.equal(r.size, count, 'a reply to every write');
+  t.ok([...r.values()].every((e) => e === 0), 'all succeeded');
+  const back = Buffer.alloc(8 << 20);
+  await mem.pread(back, 0);
+  t.ok(back.equals(model), 'the device holds every write, byte for byte');
+  t.ok((await readBlock(c, 100, 9000n)).equals(model.subarray(100 * BLOCK, 101 * BLOCK)), 'and reads it back over the same connection');
+});
