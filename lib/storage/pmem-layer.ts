@@ -394,11 +394,12 @@ export class PmemLayer implements BlockDevice {
   }
 
   /**
-   * Several runs of misses (resident pages in between: a long read through a region that holds part of the
-   * export) are read from the backing file in one read of their whole span, not one read each: every async
-   * read is a thread-pool hand-off, and a 1 MiB read beside a busy region split into dozens. The bytes
-   * between the runs, already taken from the region or the cache when the read began, are kept aside and put
-   * back over what the backing file returned for them (possibly an older version).
+   * Several runs of misses (with pages taken from the region or the cache in between: for a long read, the
+   * dirty pages of a region that holds part of the export) are read from the backing file in one read of
+   * their whole span, not one read each: every async read is a thread-pool hand-off, and a 1 MiB read beside
+   * a busy region split into dozens. The bytes between the runs, already taken from the region or the cache
+   * when the read began, are kept aside and put back over what the backing file returned for them (possibly
+   * an older version).
    */
   private async readSpan(buf: Buffer, misses: readonly number[]): Promise<void> {
     const start = misses[0]!;
@@ -607,12 +608,13 @@ function denseMisses(misses: readonly number[]): boolean {
   return 2 * missBytes(misses) >= misses[k - 3]! + misses[k - 1]! - misses[0]!;
 }
 
-/** Mark the (sorted) resident blocks as data within backing extents that start at offset. */
+/** Whether every extent is plain data (no hole, no zero flag). */
 function allData(extents: readonly Extent[]): boolean {
   for (const x of extents) if (x.flags !== 0) return false;
   return true;
 }
 
+/** Mark the (sorted) resident blocks as data within backing extents that start at offset. */
 function overlayData(backing: Extent[], offset: number, resident: number[]): Extent[] {
   const out: Extent[] = [];
   const push = (length: number, flags: number): void => {
