@@ -165,6 +165,53 @@ t.test('replies out of order are matched by cookie', async (tt) => {
   tt.ok(sock !== undefined);
 });
 
+t.test('beyond maxInFlight requests queue, go out as slots free, and every reply finds its request', async (tt) => {
+  // The server holds each batch of 3 and answers it in reverse order, so slots are freed and reused out of
+  // order; 40 reads through 3 slots reuse each slot about 13 times.
+  const held: Request[] = [];
+  let maxSeen = 0;
+  const f = await fake(tt, {
+    onRequest: (req, _p, s) => {
+      held.push(req);
+      maxSeen = Math.max(maxSeen, held.length);
+      if (held.length === 3 || f.requests().length === 40) for (const r of held.splice(0).reverse()) for (const b of dataReply(r)) s.write(b);
+    },
+  });
+  const c = await client(tt, f, { maxInFlight: 3 });
+  const reads: Promise<Buffer>[] = [];
+  for (let i = 0; i < 40; i++) reads.push(c.pread(i * 1000, 100 + i));
+  tt.equal(c.inFlightCount, 3, 'three in flight');
+  tt.equal(c.queuedCount, 37, 'the rest queued');
+  const got = await Promise.all(reads);
+  for (let i = 0; i < 40; i++) tt.same(got[i], pattern(i * 1000, 100 + i), `read ${i}`);
+  tt.equal(maxSeen, 3, 'never more than maxInFlight at the server');
+  const cookies = f.requests().map((r) => r.cookie);
+  tt.equal(new Set(cookies).size, 40, 'every request had its own cookie, though slots were reused');
+  tt.equal(c.inFlightCount, 0);
+  tt.equal(c.queuedCount, 0);
+});
+
+t.test("a reply with the cookie of a finished request whose slot is in use again is a ProtocolError", async (tt) => {
+  let firstCookie: bigint | undefined;
+  const f = await fake(tt, {
+    onRequest: (req, _p, s) => {
+      if (firstCookie === undefined) {
+        firstCookie = req.cookie;
+        for (const b of dataReply(req)) s.write(b);
+      } else {
+        s.write(encodeSimpleReply(firstCookie, 0)); // answers the next request (same slot) with the old cookie
+      }
+    },
+  });
+  const c = await client(tt, f, { maxInFlight: 1 });
+  tt.same(await c.pread(0, 10), pattern(0, 10));
+  const r = await settle(c.pread(0, 10));
+  tt.ok(!r.ok && r.error instanceof ProtocolError, 'rejected with ProtocolError');
+  tt.match(r.ok ? '' : (r.error as Error).message, /unknown cookie/);
+  const [a, b] = f.requests();
+  tt.not(a!.cookie, b!.cookie, 'the second request had a new cookie');
+});
+
 t.test('one read assembled from data and hole chunks in any order, interleaved with another reply', async (tt) => {
   const f = await fake(tt, {
     onRequest: (req, _p, s) => {
@@ -358,6 +405,7 @@ function errorOffsetChunk(cookie: bigint, errno: number, msg: string, offset: nu
 const violations: [string, (req: Request) => Buffer[], RegExp][] = [
   ['bad reply magic', (r) => [Buffer.from('0123456789abcdefghij'), u32(Number(r.cookie))], /bad reply magic/],
   ['unknown cookie', (r) => [encodeSimpleReply(r.cookie + 1000n, 0)], /unknown cookie/],
+  ['cookie of 2^64 - 1', () => [encodeSimpleReply(2n ** 64n - 1n, 0)], /unknown cookie/],
   ['OFFSET_DATA outside the request', (r) => [encodeOffsetDataHeader(r.cookie, NBD_REPLY_FLAG_DONE, r.offset + 4096, 4), Buffer.alloc(4)], /outside request/],
   ['OFFSET_HOLE outside the request', (r) => [encodeOffsetHole(r.cookie, NBD_REPLY_FLAG_DONE, r.offset, r.length + 1)], /outside request/],
   ['DONE before the read is covered', (r) => [encodeOffsetDataHeader(r.cookie, NBD_REPLY_FLAG_DONE, r.offset, 8), Buffer.alloc(8)], /covered 8 of/],
@@ -420,6 +468,7 @@ t.test('argument checks reject before anything is sent', async (tt) => {
   await tt.rejects(c.pread(1.5, 1), RangeError);
   await tt.rejects(c.pread(0, 2 ** 32), RangeError);
   await tt.rejects(NbdClient.connect(f.target, { maxInFlight: 0 }), RangeError);
+  await tt.rejects(NbdClient.connect(f.target, { maxInFlight: 65537 }), RangeError);
   tt.equal(f.requests().length, 0);
 });
 
