@@ -86,6 +86,12 @@ const KNOWN_CLIENT_FLAGS = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
 
 /** Reply bytes gathered per tick go into slabs of this size. */
 const SLAB_SIZE = 64 * 1024;
+/**
+ * Written slabs kept per connection for reuse. A fresh slab per 64 KiB of replies is external memory, and V8
+ * answers external allocation with mark-compacts: 4 KiB reads at 110k/s allocated 450 MB/s of slabs and ran
+ * one every 150 ms.
+ */
+const SPARE_SLABS = 2;
 /** Read payloads up to this size are copied next to their header (cheaper than a write chunk of their own). */
 const COPY_PAYLOAD_MAX = 8 * 1024;
 /**
@@ -593,9 +599,13 @@ export class Connection {
   // payloads ride along): headers, and read payloads up to COPY_PAYLOAD_MAX, are written into `slab`; bytes
   // of the slab that were handed to the socket are never written again (a new slab is started instead).
 
-  private slab = Buffer.allocUnsafeSlow(SLAB_SIZE);
+  private slab: Buffer = Buffer.allocUnsafeSlow(SLAB_SIZE);
   private slabStart = 0;
   private slabPos = 0;
+  /** Full slabs replaced since the last flush: free again once that flush's write has completed. */
+  private retiredSlabs: Buffer[] = [];
+  /** Written slabs, ready for reuse (at most SPARE_SLABS). */
+  private readonly spareSlabs: Buffer[] = [];
   /** Buffers to write at the end of this tick, in order (the slab's pending bytes come after them). */
   private out: Buffer[] = [];
   private outBytes = 0;
@@ -624,7 +634,8 @@ export class Connection {
   private reserve(n: number): number {
     if (this.slabPos + n > this.slab.length) {
       this.cutSlab();
-      this.slab = Buffer.allocUnsafeSlow(Math.max(SLAB_SIZE, n));
+      if (this.slab.length === SLAB_SIZE) this.retiredSlabs.push(this.slab);
+      this.slab = n <= SLAB_SIZE ? (this.spareSlabs.pop() ?? Buffer.allocUnsafeSlow(SLAB_SIZE)) : Buffer.allocUnsafeSlow(n);
       this.slabStart = 0;
       this.slabPos = 0;
     }
@@ -711,11 +722,17 @@ export class Connection {
     this.flushReplies();
   };
 
-  /** After the write of a batch: its pooled buffers are free again (after a failed write, they are dropped). */
-  private givePooled(bufs: Buffer[], err: Error | null | undefined): void {
+  /**
+   * After the write of a batch: its pooled buffers, and the slabs retired before it, are free again (the
+   * socket writes in order, so every earlier write is done too). After a failed write they are dropped.
+   */
+  private afterWrite(pooled: Buffer[], slabs: Buffer[], err: Error | null | undefined): void {
     if (err) return;
-    const pool = this.deps.buffers!;
-    for (const b of bufs) pool.give(b);
+    if (pooled.length !== 0) {
+      const pool = this.deps.buffers!;
+      for (const b of pooled) pool.give(b);
+    }
+    for (const s of slabs) if (this.spareSlabs.length < SPARE_SLABS) this.spareSlabs.push(s);
   }
 
   private readonly flushReplies = (): void => {
@@ -726,8 +743,10 @@ export class Connection {
     this.outBytes = 0;
     const pooled = this.outPooled;
     if (pooled.length !== 0) this.outPooled = [];
+    const slabs = this.retiredSlabs;
+    if (slabs.length !== 0) this.retiredSlabs = [];
     if (out.length === 0 || this.closedForReplies()) return;
-    const done = pooled.length === 0 ? undefined : (err?: Error | null): void => this.givePooled(pooled, err);
+    const done = pooled.length === 0 && slabs.length === 0 ? undefined : (err?: Error | null): void => this.afterWrite(pooled, slabs, err);
     if (out.length === 1) {
       this.socket.write(out[0]!, done);
       return;
