@@ -203,6 +203,8 @@ def main():
         ("context: memcpy", meta.get("context.memcpy", "not measured")),
         ("context: loopback TCP", meta.get("context.iperf3", "not measured")),
     ]
+    if meta.get("context.memory_warmup"):
+        facts.append(("guest memory warm-up", meta["context.memory_warmup"]))
     for k, v in facts:
         md.append(f"- **{k}**: {v}")
     md.append("")
