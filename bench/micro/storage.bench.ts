@@ -5,6 +5,8 @@
 //   them (the first version);
 // - the page checksum: @node-rs/crc32 vs zlib's crc32;
 // - copying a 4 KiB payload into a page: TypedArray#set vs Buffer#copy;
+// - the range lock of mirrored writes, 32 ranges held (QD32): held blocks in a BlockIndex vs a JS Map (the
+//   first version), whose tables V8 allocates in the old generation once the Map lives there;
 // - the read cache under 4 KiB random reads (a lookup, and on a miss a fill that evicts): blocks in one slab
 //   of slots vs a Buffer per cached block (the first version).
 //
@@ -15,6 +17,7 @@ import { crc32 as crc32Zlib } from 'node:zlib';
 import { BlockBitmap } from '../../lib/storage/block-bitmap';
 import { BlockIndex } from '../../lib/storage/block-index';
 import { ReadCache } from '../../lib/storage/read-cache';
+import { RangeLock } from '../../lib/replication/range-lock';
 import { LRUCache } from 'lru-cache';
 import { check, compare, report } from './harness';
 
@@ -160,6 +163,54 @@ function main(): void {
   }
   check(slab.bytes === perBlock.calculatedSize, 'both caches full to the same size');
   compare('read cache: 4 KiB random reads, fill on a miss (1 in 16 hits)', ['current: slots in one slab', viaSlab], [['alt: a Buffer per block (first version)', viaBuffers]]);
+
+  // The range lock as mirrored 4 KiB random writes at QD32 use it: 32 ranges held, each op releases the oldest
+  // and takes a new random one. The first version kept held blocks in a Map (set on take, delete on release).
+  const HELD = 32;
+  const lock = new RangeLock();
+  const mapHeld = new Map<number, null>();
+  const ringLock = new Float64Array(HELD);
+  const ringMap = new Float64Array(HELD);
+  const lockRnd = lcg(11);
+  const mapRnd = lcg(11);
+  let atLock = 0;
+  let atMap = 0;
+  for (let i = 0; i < HELD; i++) {
+    for (;;) {
+      const b = lockRnd() % BLOCKS;
+      if (!lock.tryAcquire(b * PAGE, PAGE)) continue;
+      ringLock[i] = b;
+      break;
+    }
+    for (;;) {
+      const b = mapRnd() % BLOCKS;
+      if (mapHeld.has(b)) continue;
+      mapHeld.set(b, null);
+      ringMap[i] = b;
+      break;
+    }
+  }
+  const viaLock = (): void => {
+    lock.release(ringLock[atLock]! * PAGE, PAGE);
+    let b = lockRnd() % BLOCKS;
+    while (!lock.tryAcquire(b * PAGE, PAGE)) b = lockRnd() % BLOCKS;
+    ringLock[atLock] = b;
+    atLock = (atLock + 1) % HELD;
+  };
+  const viaMap = (): void => {
+    mapHeld.delete(ringMap[atMap]!);
+    let b = mapRnd() % BLOCKS;
+    while (mapHeld.has(b)) b = mapRnd() % BLOCKS;
+    mapHeld.set(b, null);
+    ringMap[atMap] = b;
+    atMap = (atMap + 1) % HELD;
+  };
+  for (let i = 0; i < 10_000; i++) {
+    viaLock();
+    viaMap();
+  }
+  check(lock.heldBlocks === HELD && mapHeld.size === HELD, 'both hold 32 blocks');
+  compare('range lock: release the oldest of 32 held 4 KiB ranges, take a random one', ['current: RangeLock (BlockIndex)', viaLock], [['alt: held blocks in a Map (first version)', viaMap]]);
 
   report('storage micro-benchmark', `(writeback rows: ns per picked page; sink ${sink % 997})`);
 }
