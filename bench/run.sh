@@ -193,9 +193,9 @@ warm_memory() {
   t0=$(date +%s.%N)
   timeout 300 dd if=/dev/zero of="$f" bs=1M count=$((gib * 1024)) status=none || say "memory warm-up: dd stopped early"
   rm -f "$f"
-  t1=$(date +%s.%N)
-  say "memory warm-up: wrote and removed $gib GiB in $dir in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s"
-  WARM_META="wrote and removed $gib GiB in $dir before the run ($(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s)"
+  t1=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  WARM_META="wrote and removed $gib GiB in $dir before the run ($t1 s)"
+  say "memory warm-up: $WARM_META"
 }
 
 if [[ -n ${BENCH_DRY_RUN:-} ]]; then

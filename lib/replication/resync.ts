@@ -8,6 +8,7 @@
 import type { NbdClient } from '../client/nbd-client';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../protocol/constants';
 import type { BlockDevice } from '../storage/block-device';
+import { BufferPool } from '../storage/buffer-pool';
 import type { OosMap } from './oos-map';
 import type { RangeLock } from './range-lock';
 
@@ -58,8 +59,7 @@ export async function runResync(o: ResyncOptions): Promise<ResyncProgress> {
   const inFlight = new Set<Promise<void>>();
   // Chunk buffers, reused once the peer has acknowledged them: a fresh 256 KiB buffer per chunk is external
   // memory, which V8 answers with mark-compacts (a tenth of the primary's time during a resync).
-  const spare: Buffer[] = [];
-  const CHUNK_BYTES = CHUNK_BLOCKS * BLOCK;
+  const buffers = new BufferPool(PARALLEL * CHUNK_BLOCKS * BLOCK);
 
   const nextChunk = (): [number, number] | null => {
     let b = o.oos.nextSet(cursor);
@@ -92,12 +92,10 @@ export async function runResync(o: ResyncOptions): Promise<ResyncProgress> {
             progress.bytesZeroed += len;
             windowBytes += len;
           } else {
-            const whole = len <= CHUNK_BYTES ? (spare.pop() ?? Buffer.allocUnsafeSlow(CHUNK_BYTES)) : Buffer.allocUnsafe(len);
-            const buf = whole.length === len ? whole : whole.subarray(0, len);
+            const buf = buffers.take(len);
             await o.local.pread(buf, pos);
             await o.track(o.peer.pwrite(buf, pos));
-            // Written and acknowledged: nothing refers to it any more (after a failure it is simply dropped).
-            if (whole.length === CHUNK_BYTES && spare.length < PARALLEL) spare.push(whole);
+            buffers.give(buf); // written and acknowledged (after a failure it is simply dropped)
             progress.bytesSent += len;
             windowBytes += len;
           }

@@ -1,10 +1,10 @@
-// Reusable buffers for long payloads (READ payloads too long to be copied into the reply slab, and the pmem
-// layer's scratch for long reads). A fresh Buffer per long request is external memory that V8 only reclaims
-// with full mark-compact collections: at 1 MiB reads the server spent about a fifth of its CPU in major GC
-// (perf, mostly concurrent marking threads competing for the 2 cores). A buffer goes back to the pool only once
-// nothing uses it (for a READ payload, once the socket has written it); one that may still be in use (a failed
-// read whose other parts are still being filled by the thread pool, a connection that died) is simply left to
-// the garbage collector.
+// Reusable buffers for long payloads (READ payloads too long to be copied into the reply slab, the pmem layer's
+// scratch for long reads, resync chunks). A fresh Buffer per long request is external memory that V8 only
+// reclaims with full mark-compact collections: at 1 MiB reads the server spent about a fifth of its CPU in major
+// GC (perf, mostly concurrent marking threads competing for the 2 cores). A buffer goes back to the pool only
+// once nothing uses it (for a READ payload, once the socket has written it); one that may still be in use (a
+// failed read whose other parts are still being filled by the thread pool, a connection that died) is simply
+// left to the garbage collector.
 
 /** Smallest size class: shorter reads are copied into the reply slab anyway. */
 const MIN_CLASS = 16 * 1024;
