@@ -92,6 +92,8 @@ const SLAB_SIZE = 64 * 1024;
  * one every 150 ms.
  */
 const SPARE_SLABS = 2;
+/** A batch's list of pooled buffers or retired slabs when it has none. */
+const NOTHING_HELD: readonly Buffer[] = Object.freeze([]);
 /** Read payloads up to this size are copied next to their header (cheaper than a write chunk of their own). */
 const COPY_PAYLOAD_MAX = 8 * 1024;
 /**
@@ -726,7 +728,7 @@ export class Connection {
    * After the write of a batch: its pooled buffers, and the slabs retired before it, are free again (the
    * socket writes in order, so every earlier write is done too). After a failed write they are dropped.
    */
-  private afterWrite(pooled: Buffer[], slabs: Buffer[], err: Error | null | undefined): void {
+  private afterWrite(pooled: readonly Buffer[], slabs: readonly Buffer[], err: Error | null | undefined): void {
     if (err) return;
     if (pooled.length !== 0) {
       const pool = this.deps.buffers!;
@@ -741,9 +743,11 @@ export class Connection {
     const out = this.out;
     this.out = [];
     this.outBytes = 0;
-    const pooled = this.outPooled;
+    // The batch's own lists (or none): an empty list left in place goes on filling with later batches' buffers,
+    // which this batch's callback must not free.
+    const pooled = this.outPooled.length !== 0 ? this.outPooled : NOTHING_HELD;
     if (pooled.length !== 0) this.outPooled = [];
-    const slabs = this.retiredSlabs;
+    const slabs = this.retiredSlabs.length !== 0 ? this.retiredSlabs : NOTHING_HELD;
     if (slabs.length !== 0) this.retiredSlabs = [];
     if (out.length === 0 || this.closedForReplies()) return;
     const done = pooled.length === 0 && slabs.length === 0 ? undefined : (err?: Error | null): void => this.afterWrite(pooled, slabs, err);

@@ -60,3 +60,46 @@ t.test('reply slabs reused only after the socket wrote them', async (t) => {
     t.same(bad, [], 'no reply carries other bytes');
   }
 });
+
+// A batch with long read payloads (pooled buffers) but no full slab must not take the slabs retired after it:
+// its write completes later, when the client reads, and by then later batches have retired slabs of their own,
+// still queued behind it. Reads of 16 KiB (pooled buffers) and of 4 KiB (copied into the slab, so slabs fill),
+// sent a few at a time so that they make many small batches, with the client paused.
+t.test('a batch frees only the slabs and buffers it carried', async (t) => {
+  const dev = new MemoryDevice({ size: BLOCKS * BLOCK });
+  for (let b = 0; b < BLOCKS; b++) await dev.pwrite(content(b), b * BLOCK);
+  const server = new NbdServer(new ExportRegistry([{ name: 'm', description: '', device: dev }]), silentLogger());
+  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+  t.teardown(() => server.stop());
+
+  const c = await RawConn.connect(port);
+  t.teardown(() => c.destroy());
+  await c.handshake('m');
+  const N = 3000;
+  const blocks = (i: number): number => (i % 3 === 0 ? 1 : 4);
+  const first = (i: number): number => (i * 389) % (BLOCKS - 4);
+  const expected = (i: number): Buffer => Buffer.concat(Array.from({ length: blocks(i) }, (_, k) => content(first(i) + k)));
+  c.socket.pause();
+  const reqs: Buffer[] = [];
+  for (let i = 0; i < N; i++) {
+    reqs.push(encodeRequest({ type: C.NBD_CMD_READ, flags: 0, cookie: BigInt(i), offset: first(i) * BLOCK, length: blocks(i) * BLOCK }));
+  }
+  for (let i = 0; i < N; i += 3) {
+    c.send(Buffer.concat(reqs.slice(i, i + 3)));
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  await new Promise((r) => setTimeout(r, 300));
+  c.socket.resume();
+  let good = 0;
+  const bad: string[] = [];
+  for (let n = 0; n < N; n++) {
+    const h = decodeReplyHeader(await c.read(16));
+    if (h === null || h.kind !== 'simple' || h.error !== 0) throw new Error(`reply ${n}: not a simple success`);
+    const i = Number(h.cookie);
+    const data = await c.read(blocks(i) * BLOCK);
+    if (data.equals(expected(i))) good++;
+    else if (bad.length < 5) bad.push(`cookie ${i}: blocks from ${first(i)} expected, got bytes of block ${data.readUInt32BE(0)}`);
+  }
+  t.equal(good, N, 'every reply holds its own blocks');
+  t.same(bad, [], 'no reply carries other bytes');
+});
