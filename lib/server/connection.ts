@@ -61,6 +61,7 @@ import {
 import type { BufferPool } from '../storage/buffer-pool';
 import type { ReceiveBuffer, ReceiveBuffers } from './receive-buffers';
 import { type ValidateContext, validateRequest } from './validate';
+import { ReplyWriter, type ReplyWriterOptions } from './reply-writer';
 
 /** The rest of a WRITE payload at least this long is read straight into its buffer (see directTarget). */
 const DIRECT_READ_MIN = 16 * 1024;
@@ -121,6 +122,8 @@ export interface ConnectionDeps {
    * receive(), instead of emitting 'data' with a fresh buffer per read.
    */
   rx: ReceiveBuffers;
+  /** When long reply batches are written from the thread pool (see ReplyWriter). */
+  replyWriter?: ReplyWriterOptions;
 }
 
 export class Connection {
@@ -152,6 +155,7 @@ export class Connection {
   /** Resolves when the connection is fully done (in-flight requests answered, data flushed, socket closed). */
   readonly closed = new Promise<void>((r) => (this.resolveClosed = r));
   private log: Logger;
+  private readonly writer: ReplyWriter;
 
   constructor(
     private readonly socket: Socket,
@@ -159,6 +163,7 @@ export class Connection {
   ) {
     this.log = deps.log;
     socket.setNoDelay(true);
+    this.writer = new ReplyWriter(socket, () => this.maybeResume(), deps.replyWriter);
     socket.on('drain', () => this.maybeResume());
     socket.on('error', (err) => this.log.debug({ err }, 'socket error'));
     socket.on('close', () => this.onSocketClose());
@@ -741,6 +746,7 @@ export class Connection {
     this.flushQueued = false;
     this.cutSlab();
     const out = this.out;
+    const bytes = this.outBytes;
     this.out = [];
     this.outBytes = 0;
     // The batch's own lists (or none): an empty list left in place goes on filling with later batches' buffers,
@@ -751,20 +757,12 @@ export class Connection {
     if (slabs.length !== 0) this.retiredSlabs = [];
     if (out.length === 0 || this.closedForReplies()) return;
     const done = pooled.length === 0 && slabs.length === 0 ? undefined : (err?: Error | null): void => this.afterWrite(pooled, slabs, err);
-    if (out.length === 1) {
-      this.socket.write(out[0]!, done);
-      return;
-    }
-    this.socket.cork();
-    const last = out.length - 1;
-    for (let i = 0; i < last; i++) this.socket.write(out[i]!);
-    this.socket.write(out[last]!, done);
-    this.socket.uncork();
+    this.writer.write(out, bytes, done);
   };
 
   /** Reply bytes queued: in the socket, plus those gathered this tick. */
   private queuedReplyBytes(): number {
-    return this.socket.writableLength + this.outBytes + (this.slabPos - this.slabStart);
+    return this.writer.pendingBytes + this.outBytes + (this.slabPos - this.slabStart);
   }
 
   private maybePause(): void {
@@ -828,7 +826,7 @@ export class Connection {
       }
       this.log.info('connection closed');
       this.phase = 'closed';
-      if (!this.socket.destroyed) this.socket.end();
+      if (!this.socket.destroyed) this.writer.end();
       this.cleanup();
     })();
   }

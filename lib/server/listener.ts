@@ -8,6 +8,7 @@ import type { NodeRequestStats } from '../metrics/request-stats';
 import { BufferPool } from '../storage/buffer-pool';
 import { Connection } from './connection';
 import { ReceiveBuffers } from './receive-buffers';
+import type { PoolWriteCounts, ReplyWriterOptions } from './reply-writer';
 import type { ExportRegistry } from './exports';
 
 /** Connections served at once; past this new ones are closed at accept. */
@@ -22,13 +23,19 @@ export class NbdServer {
   /** Long READ payload buffers, shared by the connections (see BufferPool). */
   private readonly readBuffers = new BufferPool(READ_POOL_BYTES);
   private stopping: Promise<void> | null = null;
+  /** Long reply batches go to the thread pool while more than one connection is open (see ReplyWriter). */
+  private readonly replyWriter: ReplyWriterOptions;
+  /** Reply batches written from the thread pool, over all connections. */
+  readonly replyWrites: PoolWriteCounts = { pool: 0, partial: 0 };
 
   constructor(
     private readonly exports: ExportRegistry,
     private readonly log: Logger,
     /** Connection counters for the metrics (none: not counted). */
     private readonly stats?: NodeRequestStats,
+    replyWriter: ReplyWriterOptions = {},
   ) {
+    this.replyWriter = { worthIt: () => this.connections.size > 1, counts: this.replyWrites, ...replyWriter };
     // Paused at accept: reading starts only once the socket reads into the connection's own buffers (adopt).
     this.server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
   }
@@ -61,7 +68,7 @@ export class NbdServer {
     const rx = new ReceiveBuffers();
     let conn: Connection | null = null;
     const adopted = adoptWithBuffers(socket, rx, (chunk) => conn!.receive(chunk));
-    conn = new Connection(adopted, { exports: this.exports, log, buffers: this.readBuffers, rx });
+    conn = new Connection(adopted, { exports: this.exports, log, buffers: this.readBuffers, rx, replyWriter: this.replyWriter });
     this.connections.add(conn);
     const st = this.stats;
     if (st) {
