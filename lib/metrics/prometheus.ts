@@ -163,6 +163,12 @@ export function createNodeMetrics(src: MetricsSource, info: { version: string; n
   });
   gauge('nbdmirror_connections_open', 'NBD connections open (clients and peer link)', [], (g) => g.set(src.requests.connectionsOpen));
   counter('nbdmirror_connections_accepted_total', 'NBD connections accepted', [], (set) => set({}, src.requests.connectionsAccepted));
+  counter('nbdmirror_reply_pool_writes_total', 'Reply batches written from the thread pool (long replies while several connections are open)', [], (set) =>
+    set({}, src.requests.replyPoolWrites.pool),
+  );
+  counter('nbdmirror_reply_pool_partial_writes_total', 'Reply batches from the thread pool the socket took only in part (the rest went through the event loop)', [], (set) =>
+    set({}, src.requests.replyPoolWrites.partial),
+  );
 
   // --- Region, writeback, read cache
   gauge('nbdmirror_region_capacity_pages', 'Pages in the pmem region', [], (g, s) => g.set(s.region.capacityPages));

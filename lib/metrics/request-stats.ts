@@ -13,6 +13,7 @@ import {
   nameOfError,
 } from '../protocol/constants';
 import { LatencyHistogram } from './histogram';
+import type { PoolWriteCounts } from '../server/reply-writer';
 
 /** Who sent the requests: ordinary NBD clients, or the peer node over the replication link. */
 export type RequestSource = 'client' | 'peer';
@@ -74,6 +75,8 @@ export class NodeRequestStats {
   private readonly byKey = new Map<string, RequestStats>();
   connectionsAccepted = 0;
   connectionsOpen = 0;
+  /** Reply batches the connections wrote from the thread pool (see ReplyWriter). */
+  readonly replyPoolWrites: PoolWriteCounts = { pool: 0, partial: 0 };
 
   for(exportName: string, source: RequestSource): RequestStats {
     const key = `${source}\0${exportName}`;

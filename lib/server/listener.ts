@@ -25,8 +25,8 @@ export class NbdServer {
   private stopping: Promise<void> | null = null;
   /** Long reply batches go to the thread pool while more than one connection is open (see ReplyWriter). */
   private readonly replyWriter: ReplyWriterOptions;
-  /** Reply batches written from the thread pool, over all connections. */
-  readonly replyWrites: PoolWriteCounts = { pool: 0, partial: 0 };
+  /** Reply batches written from the thread pool, over all connections (the metrics' counts when given). */
+  readonly replyWrites: PoolWriteCounts;
 
   constructor(
     private readonly exports: ExportRegistry,
@@ -35,6 +35,7 @@ export class NbdServer {
     private readonly stats?: NodeRequestStats,
     replyWriter: ReplyWriterOptions = {},
   ) {
+    this.replyWrites = stats?.replyPoolWrites ?? { pool: 0, partial: 0 };
     this.replyWriter = { worthIt: () => this.connections.size > 1, counts: this.replyWrites, ...replyWriter };
     // Paused at accept: reading starts only once the socket reads into the connection's own buffers (adopt).
     this.server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));

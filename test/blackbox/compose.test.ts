@@ -61,6 +61,8 @@ const METRICS: Record<string, 'counter' | 'gauge' | 'histogram'> = {
   nbdmirror_requests_in_flight: 'gauge',
   nbdmirror_connections_open: 'gauge',
   nbdmirror_connections_accepted_total: 'counter',
+  nbdmirror_reply_pool_writes_total: 'counter',
+  nbdmirror_reply_pool_partial_writes_total: 'counter',
   nbdmirror_region_capacity_pages: 'gauge',
   nbdmirror_region_used_pages: 'gauge',
   nbdmirror_region_dirty_pages: 'gauge',

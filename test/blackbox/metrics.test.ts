@@ -82,6 +82,15 @@ if (requireTool(t, 'nbdcopy') && requireTool(t, 'promtool')) {
     t.equal(m.get('nbdmirror_replication_role{export="disk0",role="primary"}'), 1, 'a single node is primary');
     t.ok((m.get('process_resident_memory_bytes') ?? 0) > 0, 'process defaults are there');
 
+    // nbdcopy reads with four connections, 256 KiB per request: long replies go out from the thread pool.
+    t.equal(m.get('nbdmirror_reply_pool_writes_total'), 0, 'no pool writes so far: short replies, or one connection');
+    const out = await run('nbdcopy', ['--no-extents', srv.uri('disk0'), 'null:'], { timeoutMs: 60_000 });
+    t.equal(out.code, 0, 'nbdcopy out of the export', { run: describe(out) });
+    const m2 = await scrape(srv.httpPort);
+    t.ok(m2.get('nbdmirror_reply_pool_writes_total')! > 0, `replies written from the thread pool: ${m2.get('nbdmirror_reply_pool_writes_total')}`);
+    const partial = m2.get('nbdmirror_reply_pool_partial_writes_total');
+    t.ok(partial !== undefined && partial <= m2.get('nbdmirror_reply_pool_writes_total')!, `partial pool writes (${partial}) among them`);
+
     const { text, type } = await getText(srv.httpPort, '/metrics');
     t.match(type, /^text\/plain; version=0\.0\.4/, 'Prometheus text format');
     const pc = spawnSync('promtool', ['check', 'metrics'], { input: text, encoding: 'utf8', timeout: 30_000 });

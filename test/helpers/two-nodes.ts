@@ -4,7 +4,9 @@
 // content hash of an export read over NBD (what "byte-identical copies" is checked with).
 
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import * as net from 'node:net';
 import { NbdClient } from '../../lib/client/nbd-client';
 import { freshDir, startServer, type ServerProcess, type TapLike } from './spawn-server';
@@ -15,6 +17,8 @@ import { getStatus } from './status';
  * below the kernel's ephemeral range when there is room there: a port from that range (what listen(0) gives)
  * can be taken, between this check and the server's listen or at a restart on the same port, as the local
  * port of an outgoing connection of any test running in parallel, and the server then fails with EADDRINUSE.
+ * Each port is also claimed for this process's lifetime (claimPort): test files run in parallel processes,
+ * and two of them drawing the same port, one between the other's check and listen, failed the same way.
  */
 export async function freePorts(n: number): Promise<number[]> {
   const [lo, hi] = fixedPortRange();
@@ -28,11 +32,49 @@ export async function freePorts(n: number): Promise<number[]> {
     for (let tries = 0; servers.length < n; tries++) {
       const s = net.createServer();
       const port = hi > lo && tries < 1000 ? lo + Math.floor(Math.random() * (hi - lo)) : 0;
+      if (port !== 0 && !claimPort(port)) continue;
       if (await listen(s, port)) servers.push(s);
     }
     return servers.map((s) => (s.address() as net.AddressInfo).port);
   } finally {
     await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+  }
+}
+
+const CLAIMS = path.join(os.tmpdir(), 'nbdmirror-test-ports');
+const claimed: string[] = [];
+
+/**
+ * Claim a port for the rest of this process among the test processes of this machine: a file named after it
+ * holding our pid, made exclusively. A claim whose process is gone is taken over. Claims go at exit.
+ */
+export function claimPort(port: number): boolean {
+  mkdirSync(CLAIMS, { recursive: true });
+  const file = path.join(CLAIMS, String(port));
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      writeFileSync(file, String(process.pid), { flag: 'wx' });
+      if (claimed.length === 0) process.once('exit', () => claimed.forEach((f) => rmSync(f, { force: true })));
+      claimed.push(file);
+      return true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const owner = Number(readFileSync(file, 'utf8')) || 0;
+    if (owner === process.pid || processAlive(owner)) return false;
+    rmSync(file, { force: true }); // its process is gone
+  }
+  return false;
+}
+
+/** Whether a process with this pid exists (signal 0 checks without sending anything). */
+function processAlive(pid: number): boolean {
+  if (pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

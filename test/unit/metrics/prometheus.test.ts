@@ -53,6 +53,8 @@ t.test('families, types and values read at scrape time', async (t) => {
   peerWrites.observe(0.0003);
   requests.connectionsAccepted = 5;
   requests.connectionsOpen = 2;
+  requests.replyPoolWrites.pool = 7;
+  requests.replyPoolWrites.partial = 2;
 
   const text = await m.text();
   const types = new Map([...text.matchAll(/^# TYPE (\S+) (\S+)$/gm)].map((x) => [x[1]!, x[2]!]));
@@ -64,6 +66,8 @@ t.test('families, types and values read at scrape time', async (t) => {
     ['nbdmirror_requests_in_flight', 'gauge'],
     ['nbdmirror_connections_open', 'gauge'],
     ['nbdmirror_connections_accepted_total', 'counter'],
+    ['nbdmirror_reply_pool_writes_total', 'counter'],
+    ['nbdmirror_reply_pool_partial_writes_total', 'counter'],
     ['nbdmirror_region_dirty_pages', 'gauge'],
     ['nbdmirror_writeback_lag_seconds', 'gauge'],
     ['nbdmirror_writeback_bytes_total', 'counter'],
@@ -84,6 +88,8 @@ t.test('families, types and values read at scrape time', async (t) => {
   t.equal(sample(text, 'nbdmirror_request_duration_seconds_bucket{export="disk0",command="write",source="client",le="+Inf"}'), 1);
   t.equal(sample(text, 'nbdmirror_connections_accepted_total'), 5);
   t.equal(sample(text, 'nbdmirror_connections_open'), 2);
+  t.equal(sample(text, 'nbdmirror_reply_pool_writes_total'), 7);
+  t.equal(sample(text, 'nbdmirror_reply_pool_partial_writes_total'), 2);
   t.equal(sample(text, 'nbdmirror_region_dirty_pages'), 40);
   t.equal(sample(text, 'nbdmirror_region_used_pages'), 100);
   t.equal(sample(text, 'nbdmirror_writeback_lag_seconds'), 1.5);
