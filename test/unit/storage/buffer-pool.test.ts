@@ -1,9 +1,16 @@
 // lib/storage/buffer-pool.ts: READ payload buffers by power-of-two size class. Checked: exact lengths from
-// the class's allocation, reuse after give (same memory), the bound on free bytes, and that buffers the pool
-// did not make (or views into the middle of one) are never taken in.
+// the class's allocation, reuse after give (same memory), the bound on free bytes, that buffers the pool
+// did not make (or views into the middle of one) are never taken in, and that free buffers give their pages
+// back to the OS once the pool goes unused (residency read with mincore).
 
 import t from 'tap';
+import mmap from '@riaskov/mmap-io';
 import { BufferPool, sizeClass } from '../../../lib/storage/buffer-pool';
+
+/** Pages of ab resident in memory (mincore). */
+function residentPages(ab: ArrayBufferLike): number {
+  return mmap.incore(Buffer.from(ab))[1];
+}
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -77,4 +84,52 @@ t.test('a full pool makes room for a new size class by dropping free buffers of 
   // Larger than the whole bound: never kept.
   q.give(q.take(2 * MiB));
   t.equal(q.heldBytes, 0);
+});
+
+t.test('free buffers give their pages back on release; buffers in use keep theirs', async (t) => {
+  const p = new BufferPool(8 * MiB, 0);
+  const free = p.take(MiB);
+  const used = p.take(256 * KiB);
+  free.fill(0xa5);
+  used.fill(0x3c);
+  t.equal(residentPages(free.buffer), MiB / 4096, 'a written buffer is resident');
+  p.give(free);
+  p.releaseIdle();
+  t.equal(p.releases, 1);
+  t.equal(residentPages(free.buffer), 0, 'the free buffer holds no pages');
+  t.equal(p.heldBytes, MiB, 'and stays in the pool');
+  t.ok(used.every((b) => b === 0x3c), 'the buffer in use kept its bytes');
+  t.equal(residentPages(used.buffer), (256 * KiB) / 4096);
+  p.releaseIdle();
+  t.equal(p.releases, 1, 'nothing given back since: no second release');
+  // Taken again, it works as before: zeros until written.
+  const again = p.take(MiB);
+  t.equal(again.buffer, free.buffer, 'the same allocation comes back');
+  t.ok(again.every((b) => b === 0), 'its released pages read as zeros');
+  again.fill(0x77);
+  t.ok(again.every((b) => b === 0x77));
+  t.equal(residentPages(again.buffer), MiB / 4096);
+});
+
+t.test('the pool releases its free buffers after it has gone idleMs without a take()', async (t) => {
+  const idleMs = 40;
+  const p = new BufferPool(8 * MiB, idleMs);
+  const a = p.take(512 * KiB);
+  a.fill(1);
+  p.give(a);
+  // Busy: a take() in every interval keeps the pages.
+  for (let i = 0; i < 6; i++) {
+    await new Promise((r) => setTimeout(r, idleMs / 2));
+    const b = p.take(16 * KiB);
+    b.fill(2);
+    p.give(b);
+  }
+  t.equal(p.releases, 0, 'no release while the pool is in use');
+  t.equal(residentPages(a.buffer), (512 * KiB) / 4096);
+  // Idle: released within two intervals or so (timers are not exact; bounded wait).
+  const deadline = Date.now() + 20 * idleMs;
+  while (p.releases === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, idleMs / 2));
+  t.equal(p.releases, 1, 'released once idle');
+  t.equal(residentPages(a.buffer), 0);
+  t.equal(p.heldBytes, 512 * KiB + 16 * KiB, 'both buffers still pooled');
 });
