@@ -5,7 +5,6 @@
 // once nothing uses it (for a READ payload, once the socket has written it); one that may still be in use (a
 // failed read whose other parts are still being filled by the thread pool, a connection that died) is simply
 // left to the garbage collector.
-
 //
 // Each pooled allocation is an anonymous mapping of its own, so that free buffers can give their pages back
 // while they sit unused (releaseIdle): a pool filled by one workload (nbdcopy's 256 KiB reads) otherwise held
