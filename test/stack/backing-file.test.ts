@@ -619,6 +619,55 @@ t.test('pwriteNow: synchronous into allocated blocks or whole blocks over holes;
   await again.close();
 });
 
+t.test('stale blocks are known without an lseek per write, and found again after a reopen', async (t) => {
+  const dir = t.testdir();
+  if (!fsReportsHoles(dir)) return t.pass('filesystem does not report holes: every deallocated block counts as stale');
+  const dev = await open(t, dir, 4 * MiB);
+  // White box: count the lseeks (fs-ext's module object is what backing-file.ts calls through).
+  const mod = require('fs-ext') as { seekSync: (fd: number, off: number, whence: number) => number };
+  const realSeek = mod.seekSync;
+  let seeks = 0;
+  mod.seekSync = (fd, off, whence) => {
+    seeks++;
+    return realSeek(fd, off, whence);
+  };
+  t.teardown(() => {
+    mod.seekSync = realSeek;
+  });
+  const chunk = 64 * KiB;
+  for (let off = 0; off < 2 * MiB; off += chunk) t.equal(dev.pwriteNow([pattern(chunk, off)], off), true);
+  t.equal(seeks, 0, 'filling a fresh image: no lseek');
+
+  // A direct write of the writeback thread's kind: granted, written, done; then trimmed.
+  const grant = dev.directWrite(3 * MiB, BS);
+  t.ok(grant !== null, 'a whole block over a hole may be written directly');
+  writeSync(grant!.fd, Buffer.alloc(BS, 0x42), 0, BS, 3 * MiB);
+  grant!.done();
+  await dev.trim(3 * MiB, BS);
+  t.equal(dev.pwriteNow([Buffer.alloc(BS, 0x43)], 3 * MiB), false, 'the trimmed block holds old bytes: the async path');
+  await dev.trim(chunk, 2 * chunk);
+  t.equal(dev.pwriteNow([Buffer.alloc(chunk, 0x44)], chunk), false, 'a trimmed block inside the filled part');
+  t.equal(dev.pwriteNow([Buffer.alloc(BS, 0x45)], 3 * MiB + 8 * BS), true, 'a hole next to them: directly');
+  await dev.trim(3 * MiB + 16 * BS, 16 * BS);
+  t.equal(dev.pwriteNow([Buffer.alloc(BS, 0x46)], 3 * MiB + 20 * BS), true, 'a trimmed hole (never written) is no stale block');
+  await dev.pwrite(Buffer.alloc(BS, 0x43), 3 * MiB);
+  t.equal(dev.pwriteNow([Buffer.alloc(BS, 0x47)], 3 * MiB), true, 'written again: allocated, no longer stale');
+  t.equal(seeks, 0, 'and still no lseek');
+  await dev.close();
+
+  mod.seekSync = realSeek;
+  const again = await open(t, dir, 4 * MiB);
+  t.equal(again.pwriteNow([Buffer.alloc(BS, 0x48)], chunk + 5 * BS), false, 'after a reopen: the trimmed blocks are still known stale');
+  t.equal(again.pwriteNow([Buffer.alloc(BS, 0x49)], 3 * MiB + 40 * BS), true, 'and holes are not');
+  const got = await read(again, chunk, 2 * chunk);
+  t.ok(isZero(got), 'the trimmed blocks read zeros');
+  await again.pwrite(Buffer.alloc(BS, 0x4a), chunk + 5 * BS);
+  t.ok(filled(await read(again, chunk + 5 * BS, BS), 0x4a));
+  t.ok(isZero(await read(again, chunk + 4 * BS, BS)), 'its stale neighbour still reads zeros');
+  t.ok(filled(await read(again, 3 * MiB, BS), 0x47));
+  await again.close();
+});
+
 t.test('preadNow: synchronous reads exactly when the image is on a memory filesystem', async (t) => {
   const disk = t.testdir();
   const onDisk = await open(t, disk, 1 << 20);
