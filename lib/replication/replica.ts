@@ -730,6 +730,12 @@ class ReplicaDevice implements BlockDevice {
     return this.r.lower.preadNow?.(buf, offset) ?? false;
   }
 
+  preadCb(buf: Buffer, offset: number, done: (err: Error | null) => void): void {
+    const l = this.r.lower;
+    if (l.preadCb !== undefined) l.preadCb(buf, offset, done);
+    else l.pread(buf, offset).then(() => done(null), done);
+  }
+
   pwriteFast(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void> | null {
     const r = this.r;
     if (r.solo) {

@@ -428,7 +428,8 @@ export class Connection {
       }
       return p.then(() => this.replySimple(req.cookie, 0));
     }
-    if (req.type === NBD_CMD_READ && this.readNow(this.device!, req)) {
+    if (req.type === NBD_CMD_READ) {
+      if (!this.readNow(this.device!, req)) return this.read(this.device!, req);
       this.maybePause(); // as for a write answered at once: the client may not be reading its replies
       return null;
     }
@@ -471,7 +472,31 @@ export class Connection {
     this.replySimple(req.cookie, 0);
   }
 
-  private async read(dev: BlockDevice, req: Request): Promise<void> {
+  /**
+   * A READ that waits for the device. With preadCb and the extents at hand (or not wanted), one promise for
+   * the whole request instead of one per layer of the stack (see BlockDevice.preadCb).
+   */
+  private read(dev: BlockDevice, req: Request): Promise<void> {
+    const { offset, length, cookie } = req;
+    if (dev.preadCb === undefined || length === 0) return this.readAsync(dev, req);
+    const holes = this.wantsHoles(dev, req);
+    const extents = holes ? (dev.extentsNow?.(offset, length) ?? null) : null;
+    if (holes && extents === null) return this.readAsync(dev, req);
+    const buf = this.payloadBuffer(length);
+    return new Promise((resolve, reject) => {
+      dev.preadCb!(buf, offset, (err) => {
+        if (err !== null) return reject(err);
+        try {
+          if (!this.closedForReplies()) this.replyRead(cookie, offset, length, extents, buf);
+          resolve();
+        } catch (e) {
+          reject(e);
+        }
+      });
+    });
+  }
+
+  private async readAsync(dev: BlockDevice, req: Request): Promise<void> {
     const { offset, length, cookie } = req;
     if (this.structured && length === 0) {
       if (this.closedForReplies()) return;

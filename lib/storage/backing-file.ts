@@ -8,7 +8,7 @@
 //   the rest of that block with zeros, so stale bytes of a trimmed block can never reappear;
 // - a block becomes deallocated by clearing its bit, which is written out before the request is acknowledged.
 
-import { promises as fsp, constants as fsc, readSync, statfsSync, writeSync, writevSync } from 'node:fs';
+import { promises as fsp, constants as fsc, read as fsRead, readSync, statfsSync, writeSync, writevSync } from 'node:fs';
 import * as path from 'node:path';
 import * as fsext from 'fs-ext';
 import { AllocMap } from './alloc-map';
@@ -52,6 +52,9 @@ export class BackingFile implements BlockDevice {
   private dirty = false;
   private syncing: Promise<void> | null = null;
   private closed = false;
+  /** preadCb reads in flight on the image's descriptor: close() waits for them (the number could be reused). */
+  private cbReads = 0;
+  private cbReadsDrained: (() => void) | null = null;
   /** The image lives in memory (tmpfs, ramfs): reading it never waits for a device (see preadNow). */
   readonly inMemory: boolean;
 
@@ -121,6 +124,36 @@ export class BackingFile implements BlockDevice {
       else buf.fill(0, pos, pos + e.length);
       pos += e.length;
     }
+  }
+
+  /** pread with a callback (see BlockDevice.preadCb): one thread-pool read per allocated run, no promises. */
+  preadCb(buf: Buffer, offset: number, done: (err: Error | null) => void): void {
+    const length = buf.length;
+    const fd = this.img.fd;
+    const first = Math.floor(offset / ALLOC_BLOCK_SIZE);
+    const last = Math.floor((offset + length - 1) / ALLOC_BLOCK_SIZE);
+    if (length === 0 || fd < 0 || this.closed || !this.map.allSet(first, last)) {
+      this.pread(buf, offset).then(() => done(null), done);
+      return;
+    }
+    this.cbReads++;
+    const finish = (err: Error | null): void => {
+      if (--this.cbReads === 0 && this.cbReadsDrained !== null) {
+        const f = this.cbReadsDrained;
+        this.cbReadsDrained = null;
+        f();
+      }
+      done(err);
+    };
+    const step = (at: number): void => {
+      fsRead(fd, buf, at, length - at, offset + at, (err, n) => {
+        if (err !== null) return finish(err);
+        if (n === 0) buf.fill(0, at); // past EOF, as in readFully
+        else if (at + n < length) return step(at + n);
+        finish(null);
+      });
+    };
+    step(0);
   }
 
   /**
@@ -289,6 +322,7 @@ export class BackingFile implements BlockDevice {
     try {
       await this.flush();
     } finally {
+      if (this.cbReads > 0) await new Promise<void>((r) => (this.cbReadsDrained = r));
       await this.mapFile.close();
       await this.img.close(); // closing the fd releases the flock
     }

@@ -70,6 +70,12 @@ export interface BlockDevice {
    * landed, call done() (on this thread) before anything else touches the range; on failure, do not.
    */
   directWrite?(offset: number, length: number): DirectWrite | null;
+  /**
+   * Optional: pread with a callback instead of a promise. For long reads, which go to the thread pool: a
+   * promise per layer and a FileHandle read cost the event loop a good part of what the read's hand-off does.
+   * Same contract as pread; done may be called before preadCb returns.
+   */
+  preadCb?(buf: Buffer, offset: number, done: (err: Error | null) => void): void;
   /** Make every write completed before this call durable (on all connections). */
   flush(): Promise<void>;
   trim(offset: number, length: number, flags?: WriteFlags): Promise<void>;

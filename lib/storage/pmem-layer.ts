@@ -291,10 +291,14 @@ export class PmemLayer implements BlockDevice {
   // Reads
 
   async pread(buf: Buffer, offset: number): Promise<void> {
-    const e = this.e;
     const misses: number[] = [];
     this.takeAtHand(buf, offset, misses);
-    if (misses.length === 0) return;
+    if (misses.length !== 0) await this.preadMisses(buf, misses);
+  }
+
+  /** Read what takeAtHand left (misses: pos, offset, length triples) from the backing file; fill the cache. */
+  private async preadMisses(buf: Buffer, misses: readonly number[]): Promise<void> {
+    const e = this.e;
     const generation = e.generation;
     if (misses.length > 3 && denseMisses(misses)) {
       await this.readSpan(buf, misses);
@@ -310,6 +314,33 @@ export class PmemLayer implements BlockDevice {
     // Keep whole pages in the cache, unless the export changed while we read (the data may be stale).
     if (e.generation !== generation || buf.length > CACHE_FILL_MAX) return;
     for (let i = 0; i < misses.length; i += 3) this.fillCache(buf, misses[i]!, misses[i + 2]!, misses[i + 1]!);
+  }
+
+  /**
+   * pread with a callback (see BlockDevice.preadCb): what the region and the cache hold, and one backing read
+   * when the rest is one run (a long read of clean data), without a promise; anything else as pread.
+   */
+  preadCb(buf: Buffer, offset: number, done: (err: Error | null) => void): void {
+    const e = this.e;
+    const backingCb = e.backing.preadCb;
+    if (backingCb === undefined) {
+      this.pread(buf, offset).then(() => done(null), done);
+      return;
+    }
+    const misses: number[] = [];
+    this.takeAtHand(buf, offset, misses);
+    if (misses.length === 0) return done(null);
+    if (misses.length !== 3) {
+      this.preadMisses(buf, misses).then(() => done(null), done);
+      return;
+    }
+    const generation = e.generation;
+    const pos = misses[0]!;
+    const len = misses[2]!;
+    backingCb.call(e.backing, pos === 0 && len === buf.length ? buf : buf.subarray(pos, pos + len), misses[1]!, (err) => {
+      if (err === null && e.generation === generation && buf.length <= CACHE_FILL_MAX) this.fillCache(buf, pos, len, misses[1]!);
+      done(err);
+    });
   }
 
   /**

@@ -668,6 +668,49 @@ t.test('stale blocks are known without an lseek per write, and found again after
   await again.close();
 });
 
+t.test('preadCb: data, holes and the short tail, each done once; close waits for reads in flight', async (t) => {
+  const dir = t.testdir();
+  const size = 2 * MiB + 1000;
+  const dev = await open(t, dir, size);
+  const data = pattern(size, 5);
+  await dev.pwrite(data.subarray(0, MiB), 0);
+  await dev.pwrite(data.subarray(MiB + 64 * KiB), MiB + 64 * KiB); // a hole of 64 KiB between, and the tail
+  const model = Buffer.from(data);
+  model.fill(0, MiB, MiB + 64 * KiB);
+  const readCb = (offset: number, length: number): Promise<Buffer> => {
+    const b = Buffer.alloc(length, 0xee);
+    let calls = 0;
+    return new Promise((resolve, reject) => {
+      dev.preadCb(b, offset, (err) => {
+        if (++calls > 1) return reject(new Error('done called twice'));
+        if (err !== null) reject(err);
+        else setImmediate(() => resolve(b)); // a second call would show up by then
+      });
+    });
+  };
+  for (const [off, len] of [
+    [0, MiB],
+    [12_345, 256 * KiB],
+    [MiB - 4 * KiB, 72 * KiB],
+    [MiB + 8 * KiB, 16 * KiB],
+    [size - 5000, 5000],
+    [0, size],
+  ] as const) {
+    t.ok((await readCb(off, len)).equals(model.subarray(off, off + len)), `[${off}, +${len})`);
+  }
+  // close() right after reads are issued: they complete with the data, before close returns.
+  const order: string[] = [];
+  const reads = [0, 1, 2, 3].map((i) => readCb(i * 256 * KiB, 256 * KiB).then((b) => (order.push(`read ${i}`), b)));
+  const closing = dev.close().then(() => order.push('closed'));
+  const got = await Promise.all(reads);
+  await closing;
+  got.forEach((b, i) => t.ok(b.equals(model.subarray(i * 256 * KiB, (i + 1) * 256 * KiB)), `read ${i} during close`));
+  t.equal(order[order.length - 1], 'closed', 'close returned after the reads');
+  const after = Buffer.alloc(4096);
+  const err = await new Promise<Error | null>((resolve) => dev.preadCb(after, 0, resolve));
+  t.ok(err !== null, 'a read after close fails instead of reading whatever file got the descriptor number');
+});
+
 t.test('preadNow: synchronous reads exactly when the image is on a memory filesystem', async (t) => {
   const disk = t.testdir();
   const onDisk = await open(t, disk, 1 << 20);

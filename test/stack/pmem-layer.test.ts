@@ -90,6 +90,8 @@ class Hooked extends PassThroughDevice {
   reads = 0;
   /** Of `reads`, those answered synchronously (preadNow). */
   readsNow = 0;
+  /** Of `reads`, those passed to the inner device's preadCb. */
+  readsCb = 0;
   flushes = 0;
   /** Successful pwrite calls since the last successful flush: 0 means everything written is flushed. */
   writesSinceFlush = 0;
@@ -106,6 +108,17 @@ class Hooked extends PassThroughDevice {
     if (this.beforeRead) await this.beforeRead(offset, buf.length);
     await this.inner.pread(buf, offset);
     if (this.afterRead) await this.afterRead(offset, buf.length);
+  }
+
+  /** Callback reads pass through while no read hook is set; with one they take pread's way (hooks and all). */
+  preadCb(buf: Buffer, offset: number, done: (err: Error | null) => void): void {
+    if (this.beforeRead || this.afterRead || this.inner.preadCb === undefined) {
+      this.pread(buf, offset).then(() => done(null), done);
+      return;
+    }
+    this.reads++;
+    this.readsCb++;
+    this.inner.preadCb(buf, offset, done);
   }
 
   /** Synchronous reads pass through while no read hook is set (a hook may hold or fail the read). */
@@ -246,6 +259,19 @@ async function read(dev: BlockDevice, offset: number, length: number): Promise<B
   return b;
 }
 
+/** Read through preadCb (the server's path for reads that wait); done must be called exactly once. */
+function readCb(dev: BlockDevice, offset: number, length: number): Promise<Buffer> {
+  const b = Buffer.alloc(length, 0xee);
+  return new Promise((resolve, reject) => {
+    let calls = 0;
+    dev.preadCb!(b, offset, (err) => {
+      if (++calls > 1) return reject(new Error('preadCb called done twice'));
+      if (err !== null) reject(err);
+      else resolve(b);
+    });
+  });
+}
+
 /** The bytes if the device can read them synchronously (preadNow), else null. */
 function readNow(dev: BlockDevice, offset: number, length: number): Buffer | null {
   const b = Buffer.alloc(length, 0xee);
@@ -344,7 +370,7 @@ async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
   const pool = Buffer.alloc(4 * MiB);
   for (let i = 0; i < pool.length; i += 4) pool.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
 
-  const counts = { write: 0, read: 0, readNow: 0, trim: 0, zero: 0, zeroNoTrim: 0, fastRefused: 0, cache: 0, extents: 0, flush: 0, fua: 0 };
+  const counts = { write: 0, read: 0, readNow: 0, readCb: 0, trim: 0, zero: 0, zeroNoTrim: 0, fastRefused: 0, cache: 0, extents: 0, flush: 0, fua: 0 };
   let readMismatches = 0;
   let extentProblems = 0;
   let flushMismatches = 0;
@@ -427,8 +453,11 @@ async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
         // Half the reads go the way the server's request loop takes them: synchronously if the layer can.
         const now = rnd() < 0.5 ? readNow(layer, off, len) : null;
         if (now !== null) counts.readNow++;
+        // Of the others, half take the callback path the server uses for reads that wait (preadCb).
+        const cb = now === null && rnd() < 0.5;
+        if (cb) counts.readCb++;
         ops.push(
-          (now !== null ? Promise.resolve(now) : read(layer, off, len)).then((got) => {
+          (now !== null ? Promise.resolve(now) : cb ? readCb(layer, off, len) : read(layer, off, len)).then((got) => {
             if (!got.equals(want)) {
               readMismatches++;
               let i = 0;
@@ -538,6 +567,8 @@ async function modelRun(t: Test, o: ModelRunOptions): Promise<void> {
   t.ok(s.cache.hits > 0, `the read cache served ${s.cache.hits} blocks`);
   t.ok(dev.reads > 0, 'the backing device was read (misses and read-modify-write)');
   t.ok(counts.readNow > 0, `${counts.readNow} reads were answered synchronously`);
+  t.ok(counts.readCb > 0, `${counts.readCb} reads went through preadCb`);
+  if (dev.inner.preadCb !== undefined) t.ok(dev.readsCb > 0, `${dev.readsCb} of them reached the backing file's preadCb`);
   t.comment(`${s.store.bypassBytes} bytes of long writes went straight to the backing device`);
   if (o.bypass) t.ok(s.store.bypassBytes > 0, `long writes bypassed the region (${s.store.bypassBytes} bytes)`);
   if (o.syncBacking) t.ok(dev.readsNow > 0, `${dev.readsNow} of them read the backing device synchronously`);
