@@ -301,7 +301,7 @@ export class PmemLayer implements BlockDevice {
     const e = this.e;
     const generation = e.generation;
     if (misses.length > 3 && denseMisses(misses)) {
-      await this.readSpan(buf, misses);
+      await new Promise<void>((resolve, reject) => this.readSpan(buf, misses, (err) => (err === null ? resolve() : reject(err))));
     } else {
       const reads: Array<Promise<void>> = [];
       for (let i = 0; i < misses.length; i += 3) {
@@ -311,14 +311,18 @@ export class PmemLayer implements BlockDevice {
       }
       await Promise.all(reads);
     }
-    // Keep whole pages in the cache, unless the export changed while we read (the data may be stale).
-    if (e.generation !== generation || buf.length > CACHE_FILL_MAX) return;
+    this.fillMisses(buf, misses, generation);
+  }
+
+  /** Keep the misses' whole pages in the cache, unless the export changed while they were read (stale data). */
+  private fillMisses(buf: Buffer, misses: readonly number[], generation: number): void {
+    if (this.e.generation !== generation || buf.length > CACHE_FILL_MAX) return;
     for (let i = 0; i < misses.length; i += 3) this.fillCache(buf, misses[i]!, misses[i + 2]!, misses[i + 1]!);
   }
 
   /**
    * pread with a callback (see BlockDevice.preadCb): what the region and the cache hold, and one backing read
-   * when the rest is one run (a long read of clean data), without a promise; anything else as pread.
+   * for the rest when it is one run or dense enough for readSpan, without a promise; sparse runs as pread.
    */
   preadCb(buf: Buffer, offset: number, done: (err: Error | null) => void): void {
     const e = this.e;
@@ -330,17 +334,20 @@ export class PmemLayer implements BlockDevice {
     const misses: number[] = [];
     this.takeAtHand(buf, offset, misses);
     if (misses.length === 0) return done(null);
-    if (misses.length !== 3) {
-      this.preadMisses(buf, misses).then(() => done(null), done);
-      return;
-    }
     const generation = e.generation;
-    const pos = misses[0]!;
-    const len = misses[2]!;
-    backingCb.call(e.backing, pos === 0 && len === buf.length ? buf : buf.subarray(pos, pos + len), misses[1]!, (err) => {
-      if (err === null && e.generation === generation && buf.length <= CACHE_FILL_MAX) this.fillCache(buf, pos, len, misses[1]!);
+    const finish = (err: Error | null): void => {
+      if (err === null) this.fillMisses(buf, misses, generation);
       done(err);
-    });
+    };
+    if (misses.length === 3) {
+      const pos = misses[0]!;
+      const len = misses[2]!;
+      backingCb.call(e.backing, pos === 0 && len === buf.length ? buf : buf.subarray(pos, pos + len), misses[1]!, finish);
+    } else if (denseMisses(misses)) {
+      this.readSpan(buf, misses, finish);
+    } else {
+      this.preadMisses(buf, misses).then(() => done(null), done);
+    }
   }
 
   /**
@@ -432,24 +439,29 @@ export class PmemLayer implements BlockDevice {
    * when the read began, are kept aside and put back over what the backing file returned for them (possibly
    * an older version).
    */
-  private async readSpan(buf: Buffer, misses: readonly number[]): Promise<void> {
+  private readSpan(buf: Buffer, misses: readonly number[], done: (err: Error | null) => void): void {
     const start = misses[0]!;
     const k = misses.length;
     const end = misses[k - 3]! + misses[k - 1]!;
     const gaps = end - start - missBytes(misses);
     const kept = this.store.scratch.take(gaps);
-    try {
-      let at = 0;
-      for (let i = 3; i < k; i += 3) at += buf.copy(kept, at, misses[i - 3]! + misses[i - 1]!, misses[i]!);
-      await this.e.backing.pread(buf.subarray(start, end), misses[1]!);
-      at = 0;
-      for (let i = 3; i < k; i += 3) {
-        const from = misses[i - 3]! + misses[i - 1]!;
-        at += kept.copy(buf, from, at, at + (misses[i]! - from));
+    let at = 0;
+    for (let i = 3; i < k; i += 3) at += buf.copy(kept, at, misses[i - 3]! + misses[i - 1]!, misses[i]!);
+    const after = (err: Error | null): void => {
+      if (err === null) {
+        at = 0;
+        for (let i = 3; i < k; i += 3) {
+          const from = misses[i - 3]! + misses[i - 1]!;
+          at += kept.copy(buf, from, at, at + (misses[i]! - from));
+        }
       }
-    } finally {
       this.store.scratch.give(kept);
-    }
+      done(err);
+    };
+    const backing = this.e.backing;
+    const span = buf.subarray(start, end);
+    if (backing.preadCb !== undefined) backing.preadCb(span, misses[1]!, after);
+    else backing.pread(span, misses[1]!).then(() => after(null), after);
   }
 
   /** Put the whole, non-resident pages of buf[pos, pos+len) (the bytes at off) in the read cache. */

@@ -1030,6 +1030,12 @@ t.test('a long read with resident pages between its misses reads the backing dev
   const got = await read(layer, 0, 256 * KiB); // the async path (what a long READ takes)
   t.ok(got.equals(expect.subarray(0, 256 * KiB)), 'the resident pages come from the region, the rest from the backing device');
   t.equal(dev.reads - reads, 1, 'one backing read for the 16 runs of misses');
+  const cbReads = dev.reads;
+  const scratch = s.store.scratch;
+  const [held, reused] = [scratch.heldBytes, scratch.reused];
+  t.ok((await readCb(layer, 0, 256 * KiB)).equals(expect.subarray(0, 256 * KiB)), 'the same through preadCb');
+  t.equal(dev.reads - cbReads, 1, 'one backing read there too');
+  t.ok(scratch.reused === reused + 1 && scratch.heldBytes === held, 'the bytes kept aside went back to the scratch pool');
   // Sparse misses (less than half the span) are read run by run instead.
   for (let b = 64; b < 128; b++) if (b % 16 !== 0) await layer.pwrite(pattern(PS, 300 + b), b * PS);
   for (let b = 64; b < 128; b++) if (b % 16 !== 0) pattern(PS, 300 + b).copy(expect, b * PS);
@@ -1052,9 +1058,10 @@ t.test('long reads in flight together through a busy region each keep their own 
   // Short reads put some of the other pages in the read cache; long reads do not look there (same bytes).
   for (let b = 1; b < 512; b += 9) t.ok((await read(layer, b * PS, PS)).equals(expect.subarray(b * PS, (b + 1) * PS)));
   const offs = [0, 256 * KiB, 512 * KiB, 768 * KiB, 1 * MiB, 1280 * KiB, 1536 * KiB, 1792 * KiB, 100 * PS + 17, 3 * PS];
-  for (let round = 0; round < 3; round++) {
+  for (let round = 0; round < 4; round++) {
     const reads = dev.reads;
-    const got = await Promise.all(offs.map((o) => read(layer, o, 256 * KiB)));
+    // The last round through preadCb, the way the server reads.
+    const got = await Promise.all(offs.map((o) => (round === 3 ? readCb : read)(layer, o, 256 * KiB)));
     offs.forEach((o, i) => t.ok(got[i]!.equals(expect.subarray(o, o + 256 * KiB)), `round ${round}: the read at ${o}`));
     t.equal(dev.reads - reads, offs.length, `round ${round}: one backing read each`);
   }
