@@ -19,15 +19,9 @@ RUNTIME=${CEILING_RUNTIME:-5} RAMP=1 PORT=${CEILING_PORT:-31990}
 [[ $REPS =~ ^[1-9][0-9]?$ ]] || { echo "REPS must be 1..99" >&2; exit 2; }
 for t in fio nbdkit nbdinfo nbdcopy node; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
 [[ -f dist/server.js && -f dist/bench/ceiling/null-server.js ]] || { echo "build first: npm run bench:ceiling" >&2; exit 2; }
-WORK=$(mktemp -d /dev/shm/nbdmirror-ceiling.XXXXXX)
-SRV=""
-cleanup() { [[ -n $SRV ]] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null; rm -rf "$WORK"; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-head -c 1G /dev/urandom > "$WORK/src.img"
-
-up() { for _ in $(seq 100); do timeout 3 nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "server did not come up: $1" >&2; return 1; }
-cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# shellcheck source=bench/lib/alternate.sh
+source bench/lib/alternate.sh
+bench_setup ceiling
 
 # start NAME: starts the server, fills it with the source (untimed), sets SRV and URI
 start() {

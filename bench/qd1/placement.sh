@@ -24,15 +24,9 @@ RUNTIME=${QD1_RUNTIME:-5} RAMP=1 PORT=${QD1_PORT:-31994}
 for t in fio nbdkit nbdinfo nbdcopy node taskset; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
 [[ -f dist/server.js ]] || { echo "build first: npm run build" >&2; exit 2; }
 (($(nproc) >= 2)) || { echo "needs at least 2 CPUs (has $(nproc))" >&2; exit 3; }
-WORK=$(mktemp -d /dev/shm/nbdmirror-qd1.XXXXXX)
-SRV=""
-cleanup() { [[ -n $SRV ]] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null; rm -rf "$WORK"; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-head -c 1G /dev/urandom > "$WORK/src.img"
-
-up() { for _ in $(seq 100); do timeout 3 nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "server did not come up: $1" >&2; return 1; }
-cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# shellcheck source=bench/lib/alternate.sh
+source bench/lib/alternate.sh
+bench_setup qd1
 
 # start SERVER PLACEMENT: starts the server with its affinity, fills it (untimed), sets SRV and URI
 start() {

@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import { ConflictError, ReadOnlyError, ShutdownError, UsageError } from '../errors';
 import type { Logger } from '../log';
-import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from '../storage/block-device';
+import { preadThen, type BlockDevice, type Capabilities, type Extent, type WriteFlags, type ZeroFlags } from '../storage/block-device';
 import { ActivityLog, AL_EXTENT_SIZE } from './activity-log';
 import { type DiskState, MetaStore, type Role } from './export-meta';
 import {
@@ -731,9 +731,7 @@ class ReplicaDevice implements BlockDevice {
   }
 
   preadCb(buf: Buffer, offset: number, done: (err: Error | null) => void): void {
-    const l = this.r.lower;
-    if (l.preadCb !== undefined) l.preadCb(buf, offset, done);
-    else l.pread(buf, offset).then(() => done(null), done);
+    preadThen(this.r.lower, buf, offset, done);
   }
 
   pwriteFast(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void> | null {

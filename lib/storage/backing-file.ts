@@ -132,7 +132,8 @@ export class BackingFile implements BlockDevice {
     const fd = this.img.fd;
     const first = Math.floor(offset / ALLOC_BLOCK_SIZE);
     const last = Math.floor((offset + length - 1) / ALLOC_BLOCK_SIZE);
-    if (length === 0 || fd < 0 || this.closed || !this.map.allSet(first, last)) {
+    // Once closing, the FileHandle's own read gives the error (the descriptor may be gone).
+    if (length === 0 || this.closed || !this.map.allSet(first, last)) {
       this.pread(buf, offset).then(() => done(null), done);
       return;
     }

@@ -99,6 +99,12 @@ export interface DirectWrite {
   done(): void;
 }
 
+/** Read through dev.preadCb when it has one, else through pread, and call done either way. */
+export function preadThen(dev: BlockDevice, buf: Buffer, offset: number, done: (err: Error | null) => void): void {
+  if (dev.preadCb !== undefined) dev.preadCb(buf, offset, done);
+  else dev.pread(buf, offset).then(() => done(null), done);
+}
+
 /** Capabilities of a device that supports every operation (the storage layers we have all do). */
 export function fullCapabilities(readOnly: boolean): Capabilities {
   return { readOnly, flush: true, fua: true, trim: true, zero: true, fastZero: true, cache: true, multiConn: true, extents: true };

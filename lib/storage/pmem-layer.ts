@@ -11,7 +11,7 @@
 //   only once no writeback of it is in flight (which could otherwise land after the deallocation).
 
 import { NotSupportedError } from '../errors';
-import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from './block-device';
+import { preadThen, type BlockDevice, type Capabilities, type Extent, type WriteFlags, type ZeroFlags } from './block-device';
 import { PAGE_SIZE, SLOT_CLEAN, SLOT_DIRTY, type PmemStore, type StoreExport } from './pmem-store';
 import type { Writeback } from './writeback';
 
@@ -458,10 +458,7 @@ export class PmemLayer implements BlockDevice {
       this.store.scratch.give(kept);
       done(err);
     };
-    const backing = this.e.backing;
-    const span = buf.subarray(start, end);
-    if (backing.preadCb !== undefined) backing.preadCb(span, misses[1]!, after);
-    else backing.pread(span, misses[1]!).then(() => after(null), after);
+    preadThen(this.e.backing, buf.subarray(start, end), misses[1]!, after);
   }
 
   /** Put the whole, non-resident pages of buf[pos, pos+len) (the bytes at off) in the read cache. */
