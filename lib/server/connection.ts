@@ -105,6 +105,8 @@ const COPY_PAYLOAD_MAX = 8 * 1024;
 const SYNC_READ_MAX = 128 * 1024;
 /** Event-loop rounds a pipelining client's replies may wait for more requests to share their write. */
 const MAX_DEFER_ROUNDS = 4;
+/** Payload bytes of long writes whose replies may wait for the end of a poll phase (see payloadRead). */
+const LONG_WRITE_WAIT_BYTES = 1024 * 1024;
 const OFFSET_DATA_HEADER_SIZE = STRUCTURED_REPLY_HEADER_SIZE + 8;
 const OFFSET_HOLE_CHUNK_SIZE = STRUCTURED_REPLY_HEADER_SIZE + 12;
 const FUA: WriteFlags = Object.freeze({ fua: true });
@@ -201,7 +203,12 @@ export class Connection {
     if (pw !== null && chunk.buffer === pw.buf.buffer && chunk.byteOffset === pw.buf.byteOffset + pw.filled) {
       // The read went straight into the payload (directTarget); nothing else is buffered meanwhile.
       pw.filled += chunk.length;
-      if (pw.filled === pw.buf.length) this.onData(NO_BYTES); // process() dispatches the write
+      if (pw.filled === pw.buf.length) {
+        this.payloadRead = true;
+        this.onData(NO_BYTES); // process() dispatches the write
+        this.payloadRead = false;
+        if (this.flushQueued && (this.longWriteBytesWaiting += pw.buf.length) >= LONG_WRITE_WAIT_BYTES) this.flushReplies();
+      }
       return;
     }
     this.onData(chunk);
@@ -649,6 +656,16 @@ export class Connection {
   private pipelined = false;
   /** Input is being processed: a reply queued now is for a request completed at once (see flushNextRound). */
   private inInput = false;
+  /**
+   * A long WRITE's payload has just been read straight into its buffer (receive()): its reply, if the write
+   * completes at once, waits for the end of this poll phase. libuv goes on reading the socket in that phase
+   * while reads fill their buffers, so a client streaming long writes (nbdcopy: 64 of 256 KiB in flight) has
+   * about 16 of them read in one phase, and their replies share a socket write instead of one each. Once the
+   * writes answered so carry LONG_WRITE_WAIT_BYTES, their replies go at once: a client with few requests in
+   * flight (fio's 1 MiB writes at depth 8) would otherwise wait with nothing left to send.
+   */
+  private payloadRead = false;
+  private longWriteBytesWaiting = 0;
   /** The export's answerAtOnce: replies are never deferred. */
   private answerAtOnce = false;
   /** Limits before reading pauses (see MAX_IN_FLIGHT_BYTES, ExportHandle.payloadBudget). */
@@ -675,8 +692,9 @@ export class Connection {
     this.slabPos += n;
     if (!this.flushQueued) {
       this.flushQueued = true;
-      if (this.pipelined && this.inInput && !this.answerAtOnce) setImmediate(this.flushNextRound);
-      else process.nextTick(this.flushReplies);
+      if (this.inInput && !this.answerAtOnce && (this.pipelined || this.payloadRead)) {
+        setImmediate(this.pipelined ? this.flushNextRound : this.flushReplies);
+      } else process.nextTick(this.flushReplies);
     }
     return at;
   }
@@ -769,6 +787,7 @@ export class Connection {
 
   private readonly flushReplies = (): void => {
     this.flushQueued = false;
+    this.longWriteBytesWaiting = 0;
     this.cutSlab();
     const out = this.out;
     const bytes = this.outBytes;
