@@ -17,16 +17,6 @@ function longWrite(i: number, cookie: bigint): Buffer[] {
   return [encodeRequest({ type: C.NBD_CMD_WRITE, flags: 0, cookie, offset: i * LONG, length: LONG }), Buffer.alloc(LONG, 1 + (i % 250))];
 }
 
-async function simpleReplies(c: RawConn, n: number): Promise<Map<bigint, number>> {
-  const out = new Map<bigint, number>();
-  for (let i = 0; i < n; i++) {
-    const h = decodeReplyHeader(await c.read(16));
-    if (h === null || h.kind !== 'simple') throw new Error('expected a simple reply');
-    out.set(h.cookie, h.error);
-  }
-  return out;
-}
-
 t.test('replies to long writes', async (t) => {
   // A node's export: its writes complete at once (into the region, or straight to the backing file).
   const { port } = await startTestNode(t, { exports: ['m=64M'] });
@@ -49,7 +39,7 @@ t.test('replies to long writes', async (t) => {
     const N = 128; // 32 MiB: far more than loopback's socket buffers, so the server reads behind the client
     batches = 0;
     for (let i = 0; i < N; i++) for (const b of longWrite(i % 256, BigInt(i))) c.send(b);
-    const r = await simpleReplies(c, N);
+    const r = await c.simpleReplies(N);
     t.equal(r.size, N, 'a reply for every write');
     t.ok([...r.values()].every((e) => e === 0), 'every write succeeded');
     t.ok(batches < N / 2, `replies of writes read in one poll phase share a batch (${batches} batches for ${N} writes)`);
@@ -77,7 +67,7 @@ t.test('replies to long writes', async (t) => {
     t.match(h, { kind: 'simple', cookie: 77n, error: 0 }, 'answered after a payload in pieces');
     // A short request behind a long write, in the same send: both answered, in order of completion.
     c.send(Buffer.concat([hdr!, payload!, encodeRequest({ type: C.NBD_CMD_FLUSH, flags: 0, cookie: 78n, offset: 0, length: 0 })]));
-    const r = await simpleReplies(c, 2);
+    const r = await c.simpleReplies(2);
     t.same([...r.entries()], [
       [77n, 0],
       [78n, 0],

@@ -18,18 +18,12 @@ import { startTestNode } from '../helpers/in-process';
 const req = (type: number, offset: number, length: number, cookie = 1n, flags = 0): Buffer =>
   encodeRequest({ type, flags, cookie, offset, length });
 
-async function simpleReply(c: RawConn): Promise<{ error: number; cookie: bigint }> {
-  const h = decodeReplyHeader(await c.read(16));
-  if (h === null || h.kind !== 'simple') throw new Error('expected a simple reply');
-  return { error: h.error, cookie: h.cookie };
-}
-
 /** A fresh client can still handshake and read after whatever the previous test did. */
 async function stillServes(t: Test, port: number): Promise<void> {
   const c = await RawConn.connect(port);
   await c.handshake('disk0');
   c.send(req(C.NBD_CMD_READ, 0, 4096, 77n));
-  const r = await simpleReply(c);
+  const r = await c.simpleReply();
   t.equal(r.error, 0, 'another client is still served');
   t.equal((await c.read(4096)).length, 4096);
   c.destroy();
@@ -168,7 +162,7 @@ t.test('protocol errors', async (t) => {
     t.ok(flags & C.NBD_FLAG_HAS_FLAGS && flags & C.NBD_FLAG_SEND_FLUSH && flags & C.NBD_FLAG_CAN_MULTI_CONN);
     t.notOk(flags & C.NBD_FLAG_SEND_DF, 'no DF without structured replies');
     c.send(req(C.NBD_CMD_READ, 0, 512, 5n));
-    t.same(await simpleReply(c), { error: 0, cookie: 5n });
+    t.same(await c.simpleReply(), { error: 0, cookie: 5n });
     t.equal((await c.read(512)).length, 512);
     c.destroy();
   });
@@ -207,18 +201,18 @@ t.test('protocol errors', async (t) => {
     ];
     for (const [name, bytes, errno] of cases) {
       c.send(bytes);
-      t.equal((await simpleReply(c)).error, errno, name);
+      t.equal((await c.simpleReply()).error, errno, name);
     }
     // Write past the end: ENOSPC, and the payload is consumed so the stream stays in sync.
     c.send(Buffer.concat([req(C.NBD_CMD_WRITE, size - 512, 4096, 2n), Buffer.alloc(4096, 0xee)]));
-    t.same(await simpleReply(c), { error: C.NBD_ENOSPC, cookie: 2n }, 'write past the end');
+    t.same(await c.simpleReply(), { error: C.NBD_ENOSPC, cookie: 2n }, 'write past the end');
     // Oversized write: refused, payload drained (not buffered), next request answered.
     const big = 40 * 1024 * 1024;
     c.send(req(C.NBD_CMD_WRITE, 0, big, 3n));
     for (let sent = 0; sent < big; sent += 1 << 20) c.send(Buffer.alloc(1 << 20, 0xcc));
-    t.same(await simpleReply(c), { error: C.NBD_EINVAL, cookie: 3n }, 'oversized write refused');
+    t.same(await c.simpleReply(), { error: C.NBD_EINVAL, cookie: 3n }, 'oversized write refused');
     c.send(req(C.NBD_CMD_READ, 0, 4096, 4n));
-    t.same(await simpleReply(c), { error: 0, cookie: 4n }, 'stream still in sync after the drain');
+    t.same(await c.simpleReply(), { error: 0, cookie: 4n }, 'stream still in sync after the drain');
     t.notOk((await c.read(4096)).includes(0xcc), 'the refused payload was not written');
     c.destroy();
   });
@@ -233,7 +227,7 @@ t.test('protocol errors', async (t) => {
     c.send(bad);
     t.ok(await c.closedWithin(), 'bad magic drops the connection');
     other.send(req(C.NBD_CMD_READ, 0, 512, 9n));
-    t.same(await simpleReply(other), { error: 0, cookie: 9n }, 'an existing connection is untouched');
+    t.same(await other.simpleReply(), { error: 0, cookie: 9n }, 'an existing connection is untouched');
     other.destroy();
   });
 
@@ -318,13 +312,13 @@ t.test('protocol errors', async (t) => {
     c.send(Buffer.concat(batch));
     const seen = new Set<bigint>();
     for (let i = 0; i < n; i++) {
-      const r = await simpleReply(c);
+      const r = await c.simpleReply();
       t.equal(r.error, 0);
       seen.add(r.cookie);
     }
     t.equal(seen.size, n, 'all distinct cookies answered');
     c.send(req(C.NBD_CMD_READ, 7 * 4096, 4096, 5n));
-    await simpleReply(c);
+    await c.simpleReply();
     t.ok((await c.read(4096)).equals(Buffer.alloc(4096, 7)));
     c.destroy();
   });
@@ -343,7 +337,7 @@ t.test('protocol errors', async (t) => {
     for (let i = 0; i < writes; i++) burst.push(req(C.NBD_CMD_WRITE, 8 * 1024 * 1024 + i, 1, BigInt(10_000 + i)), Buffer.from([i & 0xff]));
     c.send(Buffer.concat(burst));
     for (let i = 0; i < writes; i++) {
-      const r = await simpleReply(c);
+      const r = await c.simpleReply();
       seen.add(r.cookie);
       if (r.error !== 0) bad++;
     }
@@ -353,7 +347,7 @@ t.test('protocol errors', async (t) => {
     const want = Buffer.alloc(4096);
     for (let i = 0; i < 4096; i++) want[i] = i & 0xff;
     for (let i = 0; i < reads; i++) {
-      const r = await simpleReply(c);
+      const r = await c.simpleReply();
       seen.add(r.cookie);
       if (r.error !== 0) bad++;
       if (!(await c.read(4096)).equals(want)) bad++;
@@ -368,12 +362,12 @@ t.test('protocol errors', async (t) => {
     await c.handshake('disk0');
     const payload = Buffer.alloc(1 << 20, 0x5a);
     c.send(Buffer.concat([req(C.NBD_CMD_WRITE, 4 << 20, payload.length, 1n), payload, req(C.NBD_CMD_DISC, 0, 0, 2n)]));
-    t.same(await simpleReply(c), { error: 0, cookie: 1n }, 'the write before DISC is answered');
+    t.same(await c.simpleReply(), { error: 0, cookie: 1n }, 'the write before DISC is answered');
     t.ok(await c.closedWithin(), 'then the server closes');
     const d = await RawConn.connect(port);
     await d.handshake('disk0');
     d.send(req(C.NBD_CMD_READ, 4 << 20, payload.length, 3n));
-    await simpleReply(d);
+    await d.simpleReply();
     t.ok((await d.read(payload.length)).equals(payload));
     d.destroy();
   });
@@ -385,11 +379,11 @@ t.test('protocol errors', async (t) => {
     await b.handshake('disk0');
     const data = Buffer.alloc(8192, 0x3c);
     a.send(Buffer.concat([req(C.NBD_CMD_WRITE, 1 << 20, data.length, 1n), data]));
-    t.equal((await simpleReply(a)).error, 0);
+    t.equal((await a.simpleReply()).error, 0);
     b.send(req(C.NBD_CMD_FLUSH, 0, 0, 2n));
-    t.equal((await simpleReply(b)).error, 0, 'flush on the other connection');
+    t.equal((await b.simpleReply()).error, 0, 'flush on the other connection');
     b.send(req(C.NBD_CMD_READ, 1 << 20, data.length, 3n));
-    await simpleReply(b);
+    await b.simpleReply();
     t.ok((await b.read(data.length)).equals(data));
     a.destroy();
     b.destroy();
@@ -399,13 +393,13 @@ t.test('protocol errors', async (t) => {
     const a = await RawConn.connect(port);
     await a.handshake('other');
     a.send(Buffer.concat([req(C.NBD_CMD_WRITE, 0, 4096, 1n), Buffer.alloc(4096, 0x99)]));
-    t.equal((await simpleReply(a)).error, 0);
+    t.equal((await a.simpleReply()).error, 0);
     a.send(req(C.NBD_CMD_READ, (1 << 20) - 512, 4096, 2n));
-    t.equal((await simpleReply(a)).error, C.NBD_EINVAL, 'bounded by its own size');
+    t.equal((await a.simpleReply()).error, C.NBD_EINVAL, 'bounded by its own size');
     const b = await RawConn.connect(port);
     await b.handshake('disk0');
     b.send(req(C.NBD_CMD_READ, 0, 4096, 3n));
-    await simpleReply(b);
+    await b.simpleReply();
     t.notOk((await b.read(4096)).equals(Buffer.alloc(4096, 0x99)), 'disk0 did not get other\'s write');
     a.destroy();
     b.destroy();
@@ -419,13 +413,13 @@ t.test('read-only export: writes get EPERM, reads work', async (t) => {
   t.ok(flags & C.NBD_FLAG_READ_ONLY, 'READ_ONLY advertised');
   t.notOk(flags & C.NBD_FLAG_SEND_TRIM, 'no TRIM advertised');
   c.send(Buffer.concat([req(C.NBD_CMD_WRITE, 0, 512, 1n), Buffer.alloc(512)]));
-  t.same(await simpleReply(c), { error: C.NBD_EPERM, cookie: 1n });
+  t.same(await c.simpleReply(), { error: C.NBD_EPERM, cookie: 1n });
   c.send(req(C.NBD_CMD_TRIM, 0, 512, 2n));
-  t.equal((await simpleReply(c)).error, C.NBD_EPERM);
+  t.equal((await c.simpleReply()).error, C.NBD_EPERM);
   c.send(req(C.NBD_CMD_WRITE_ZEROES, 0, 512, 3n));
-  t.equal((await simpleReply(c)).error, C.NBD_EPERM);
+  t.equal((await c.simpleReply()).error, C.NBD_EPERM);
   c.send(req(C.NBD_CMD_READ, 0, 512, 4n));
-  t.equal((await simpleReply(c)).error, 0);
+  t.equal((await c.simpleReply()).error, 0);
   await c.read(512);
   c.destroy();
 });
@@ -437,9 +431,9 @@ t.test('server stopping: requests get ESHUTDOWN, then the connection closes', as
   const stopped = node.stop();
   await new Promise((r) => setTimeout(r, 50));
   c.send(req(C.NBD_CMD_READ, 0, 512, 1n));
-  t.same(await simpleReply(c), { error: C.NBD_ESHUTDOWN, cookie: 1n });
+  t.same(await c.simpleReply(), { error: C.NBD_ESHUTDOWN, cookie: 1n });
   c.send(Buffer.concat([req(C.NBD_CMD_WRITE, 0, 512, 2n), Buffer.alloc(512)]));
-  t.same(await simpleReply(c), { error: C.NBD_ESHUTDOWN, cookie: 2n }, 'write refused, payload drained');
+  t.same(await c.simpleReply(), { error: C.NBD_ESHUTDOWN, cookie: 2n }, 'write refused, payload drained');
   t.ok(await c.closedWithin(5000), 'closed after the grace period');
   await stopped;
 });
@@ -451,16 +445,16 @@ t.test('largest requests: 32 MiB READ/WRITE, TRIM and WRITE_ZEROES of 4 GiB − 
   const max = 32 * 1024 * 1024;
   const data = Buffer.alloc(max, 0x42);
   c.send(Buffer.concat([req(C.NBD_CMD_WRITE, 4096, max, 1n), data]));
-  t.same(await simpleReply(c), { error: 0, cookie: 1n }, '32 MiB write');
+  t.same(await c.simpleReply(), { error: 0, cookie: 1n }, '32 MiB write');
   c.send(req(C.NBD_CMD_READ, 4096, max, 2n, C.NBD_CMD_FLAG_DF));
   const h = decodeReplyHeader(await c.read(20))!;
   t.ok(h.kind === 'structured' && h.type === C.NBD_REPLY_TYPE_OFFSET_DATA && h.length === 8 + max, '32 MiB DF read in one chunk');
   t.ok((await c.read(8 + max, 20_000)).subarray(8).equals(data));
   const huge = 2 ** 32 - 1;
   c.send(req(C.NBD_CMD_WRITE_ZEROES, 0, huge, 3n));
-  t.same(await simpleReply(c), { error: 0, cookie: 3n }, 'WRITE_ZEROES of 4 GiB − 1');
+  t.same(await c.simpleReply(), { error: 0, cookie: 3n }, 'WRITE_ZEROES of 4 GiB − 1');
   c.send(req(C.NBD_CMD_TRIM, 2 ** 30, huge, 4n));
-  t.same(await simpleReply(c), { error: 0, cookie: 4n }, 'TRIM of 4 GiB − 1');
+  t.same(await c.simpleReply(), { error: 0, cookie: 4n }, 'TRIM of 4 GiB − 1');
   c.send(req(C.NBD_CMD_BLOCK_STATUS, 0, huge, 5n));
   const bh = decodeReplyHeader(await c.read(20))!;
   const bp = await c.read(bh.kind === 'structured' ? bh.length : 0);

@@ -59,16 +59,6 @@ function writes(first: number, count: number, fill: (i: number) => number, cooki
   return Buffer.concat(parts);
 }
 
-async function replies(c: RawConn, n: number): Promise<Map<bigint, number>> {
-  const out = new Map<bigint, number>();
-  for (let i = 0; i < n; i++) {
-    const h = decodeReplyHeader(await c.read(16));
-    if (h === null || h.kind !== 'simple') throw new Error('expected a simple reply');
-    out.set(h.cookie, h.error);
-  }
-  return out;
-}
-
 async function readBlock(c: RawConn, block: number, cookie: bigint): Promise<Buffer> {
   c.send(encodeRequest({ type: C.NBD_CMD_READ, flags: 0, cookie, offset: block * BLOCK, length: BLOCK }));
   const h = decodeReplyHeader(await c.read(16));
@@ -102,7 +92,7 @@ t.test('receive buffers', async (t) => {
       if (h.buf.length === BLOCK && h.buf.every((b) => b === want)) intact++;
     }
     t.equal(intact, 2 * N, 'every held payload still holds what the client sent');
-    const r = await replies(c, 2 * N);
+    const r = await c.simpleReplies(2 * N);
     t.equal(r.size, 2 * N);
     t.ok([...r.values()].every((e) => e === 0), 'all writes succeeded');
     for (const block of [0, 1, N - 1, N, 2 * N - 1]) {
@@ -136,7 +126,7 @@ t.test('receive buffers', async (t) => {
       done.every((h) => h.buf.every((b) => b === 0xa0 + (h.offset / BLOCK - 200))),
       'payloads assembled across many reads are intact',
     );
-    const r = await replies(c, N);
+    const r = await c.simpleReplies(N);
     t.ok([...r.values()].every((e) => e === 0));
   });
 });
@@ -176,7 +166,7 @@ t.test('the rest of a long WRITE payload is read straight into its buffer, and n
     at += n;
     await new Promise((r) => setTimeout(r, 2));
   }
-  const r = await replies(c, count);
+  const r = await c.simpleReplies(count);
   t.equal(r.size, count, 'a reply to every write');
   t.ok([...r.values()].every((e) => e === 0), 'all succeeded');
   const back = Buffer.alloc(8 << 20);

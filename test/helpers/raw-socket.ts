@@ -20,6 +20,7 @@ import {
   encodeOption,
   type OptionReplyHeader,
 } from '../../lib/protocol/handshake';
+import { decodeReplyHeader } from '../../lib/protocol/reply';
 
 export class RawConn {
   private buf = Buffer.alloc(0);
@@ -79,6 +80,23 @@ export class RawConn {
     const out = this.buf.subarray(0, n);
     this.buf = this.buf.subarray(n);
     return Buffer.from(out);
+  }
+
+  /** The next reply, which must be a simple one (no payload read). */
+  async simpleReply(): Promise<{ error: number; cookie: bigint }> {
+    const h = decodeReplyHeader(await this.read(16));
+    if (h === null || h.kind !== 'simple') throw new Error('expected a simple reply');
+    return { error: h.error, cookie: h.cookie };
+  }
+
+  /** The next n replies, all simple and without payload: error by cookie. */
+  async simpleReplies(n: number): Promise<Map<bigint, number>> {
+    const out = new Map<bigint, number>();
+    for (let i = 0; i < n; i++) {
+      const r = await this.simpleReply();
+      out.set(r.cookie, r.error);
+    }
+    return out;
   }
 
   /** Resolves true when the server closes the connection within timeoutMs (any unread bytes are dropped). */
