@@ -711,6 +711,78 @@ t.test('preadCb: data, holes and the short tail, each done once; close waits for
   t.ok(err !== null, 'a read after close fails instead of reading whatever file got the descriptor number');
 });
 
+t.test('preadCb: adjacent reads of one tick go out as one preadv; a failed or short one is redone read by read', async (t) => {
+  const dir = t.testdir();
+  const size = 8 * MiB;
+  const dev = await open(t, dir, size);
+  const data = pattern(size, 11);
+  await dev.pwrite(data, 0);
+  // Count the thread-pool reads by spying on node:fs, which the backing file calls through at each read.
+  const fs = require('node:fs') as typeof import('node:fs');
+  const { read: realRead, readv: realReadv } = fs;
+  const calls: string[] = [];
+  let failNext: 'error' | 'short' | null = null;
+  fs.readv = ((fd: number, bufs: Buffer[], pos: number, cb: (err: Error | null, n: number, b: Buffer[]) => void) => {
+    calls.push(`readv ${bufs.length}x @${pos} ${bufs.reduce((n, b) => n + b.length, 0)}`);
+    const fail = failNext;
+    failNext = null;
+    if (fail === 'error') return process.nextTick(() => cb(Object.assign(new Error('EIO (injected)'), { code: 'EIO' }), 0, bufs));
+    // A short read: only the first buffer and half of the second, as a preadv may return.
+    const use = fail === 'short' ? [bufs[0]!, bufs[1]!.subarray(0, bufs[1]!.length / 2)] : bufs;
+    realReadv(fd, use, pos, (err, n) => cb(err, n, bufs));
+  }) as typeof fs.readv;
+  fs.read = ((fd: number, buf: Buffer, off: number, len: number, pos: number, cb: (err: Error | null, n: number) => void) => {
+    calls.push(`read @${pos}`);
+    realRead(fd, buf, off, len, pos, cb);
+  }) as typeof fs.read;
+  t.teardown(() => {
+    fs.readv = realReadv;
+    fs.read = realRead;
+  });
+  const readCb = (offset: number, length: number): Promise<Buffer> => {
+    const b = Buffer.alloc(length, 0xee);
+    return new Promise((resolve, reject) => dev.preadCb(b, offset, (err) => (err !== null ? reject(err) : resolve(b))));
+  };
+  const check = async (ranges: Array<[number, number]>, what: string): Promise<void> => {
+    const got = await Promise.all(ranges.map(([off, len]) => readCb(off, len))); // all issued in one tick
+    t.ok(got.every((b, i) => b.equals(data.subarray(ranges[i]![0], ranges[i]![0] + ranges[i]![1]))), `${what}: every buffer holds its range`);
+  };
+
+  // Eight adjacent reads (in order, as a sequential reader sends them), one elsewhere, then two more adjacent.
+  await check(
+    [...[0, 1, 2, 3, 4, 5, 6, 7].map((i): [number, number] => [i * 256 * KiB, 256 * KiB]), [6 * MiB, 4 * KiB], [3 * MiB, 4 * KiB], [3 * MiB + 4 * KiB, 60 * KiB]],
+    'runs',
+  );
+  t.same(calls, ['readv 8x @0 2097152', `read @${6 * MiB}`, `readv 2x @${3 * MiB} 65536`], 'one preadv per run, a plain read for a lone one');
+
+  // A run stops at 4 MiB: 20 reads of 256 KiB are runs of 16 and 4.
+  calls.length = 0;
+  await check(
+    Array.from({ length: 20 }, (_, i): [number, number] => [i * 256 * KiB, 256 * KiB]),
+    '20 x 256 KiB',
+  );
+  t.same(calls, ['readv 16x @0 4194304', `readv 4x @${4 * MiB} 1048576`], 'runs of at most 4 MiB');
+
+  // Overlapping or out-of-order reads are not merged: each is read on its own.
+  calls.length = 0;
+  await check([[64 * KiB, 64 * KiB], [0, 64 * KiB], [96 * KiB, 64 * KiB]], 'out of order and overlapping');
+  t.equal(calls.length, 3, 'three reads');
+  t.ok(calls.every((c) => c.startsWith('read ')), 'none merged');
+
+  // A failed preadv: every read of the run is redone on its own, and succeeds.
+  calls.length = 0;
+  failNext = 'error';
+  await check([[0, 128 * KiB], [128 * KiB, 128 * KiB], [256 * KiB, 128 * KiB]], 'after a failed preadv');
+  t.same(calls, ['readv 3x @0 393216', 'read @0', `read @${128 * KiB}`, `read @${256 * KiB}`], 'redone read by read');
+
+  // A short preadv: the first read is complete, the second goes on from where the preadv stopped, the third is
+  // read whole.
+  calls.length = 0;
+  failNext = 'short';
+  await check([[0, 128 * KiB], [128 * KiB, 128 * KiB], [256 * KiB, 128 * KiB]], 'after a short preadv');
+  t.same(calls, ['readv 3x @0 393216', `read @${192 * KiB}`, `read @${256 * KiB}`], 'only the missing bytes are read again');
+});
+
 t.test('preadNow: synchronous reads exactly when the image is on a memory filesystem', async (t) => {
   const disk = t.testdir();
   const onDisk = await open(t, disk, 1 << 20);
