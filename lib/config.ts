@@ -47,6 +47,8 @@ export interface Config {
   peerTimeoutMs: number;
   /** Resync bytes per second; 0 = as fast as the link goes. */
   resyncRate: number;
+  /** After each socket read the event loop polls this long (ms) before it may sleep (0: never polls). */
+  busyPollMs: number;
   /** Bearer token the HTTP POST endpoints require (and this node sends to its peer); null = none. */
   adminToken: string | null;
   writeback: {
@@ -75,7 +77,11 @@ export const DEFAULTS = {
   writebackMaxAge: '5s',
   peerTimeout: '5s',
   resyncRate: '0',
+  busyPoll: '100us',
 };
+
+/** --busy-poll's upper bound (ms). */
+const MAX_BUSY_POLL_MS = 10;
 
 /** Export names become file names (NAME.img), so they are restricted to a safe set. */
 const EXPORT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -122,6 +128,11 @@ export function serverCommand(): Command {
     .addOption(new Option('--peer-http <url>', "the peer's HTTP address, http://HOST:PORT (default: from --peer, port 9810)").env('NBDMIRROR_PEER_HTTP'))
     .addOption(new Option('--peer-timeout <duration>', 'mark the peer out of date and go on degraded after it is silent this long').default(DEFAULTS.peerTimeout).env('NBDMIRROR_PEER_TIMEOUT'))
     .addOption(new Option('--resync-rate <size>', 'resync bytes per second, e.g. 100M (0: as fast as the link goes)').default(DEFAULTS.resyncRate).env('NBDMIRROR_RESYNC_RATE'))
+    .addOption(
+      new Option('--busy-poll <duration>', 'after each request, poll for the next one this long before sleeping (e.g. 100us, 0 disables): lower latency at low queue depth for some CPU')
+        .default(DEFAULTS.busyPoll)
+        .env('NBDMIRROR_BUSY_POLL'),
+    )
     .addOption(
       new Option('--admin-token <token>', 'bearer token the admin POST endpoints require; the same on both nodes (required when --http is not on loopback)').env(
         'NBDMIRROR_ADMIN_TOKEN',
@@ -195,9 +206,11 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Loa
     peer: parsePeer(o.peer, o.peerHttp),
     peerTimeoutMs: parseDuration(String(o.peerTimeout), 'peer-timeout'),
     resyncRate: parseSize(String(o.resyncRate), '--resync-rate'),
+    busyPollMs: parseDuration(String(o.busyPoll), 'busy-poll'),
     adminToken: typeof o.adminToken === 'string' && o.adminToken !== '' ? o.adminToken : null,
   };
   if (config.peerTimeoutMs < 50) throw new UsageError('--peer-timeout must be at least 50ms');
+  if (config.busyPollMs > MAX_BUSY_POLL_MS) throw new UsageError(`--busy-poll must be at most ${MAX_BUSY_POLL_MS}ms (a longer window only burns CPU)`);
   if (config.adminToken === null && !isLoopback(config.http.host)) {
     throw new UsageError(`--http ${formatAddress(config.http)} is not on loopback: set --admin-token (or NBDMIRROR_ADMIN_TOKEN) so that only operators can promote, demote or resync`);
   }
@@ -241,12 +254,14 @@ const FILE_KEYS: Record<string, string> = {
   peerTimeout: 'peerTimeout',
   'resync-rate': 'resyncRate',
   resyncRate: 'resyncRate',
+  'busy-poll': 'busyPoll',
+  busyPoll: 'busyPoll',
   'admin-token': 'adminToken',
   adminToken: 'adminToken',
 };
 
 /** Keys whose config-file value may be a JSON number (sizes in bytes, percentages, seconds). */
-const NUMERIC_KEYS = new Set(['pmemSize', 'cacheSize', 'writeBypass', 'writebackHigh', 'writebackLow', 'writebackMaxAge', 'peerTimeout', 'resyncRate']);
+const NUMERIC_KEYS = new Set(['pmemSize', 'cacheSize', 'writeBypass', 'writebackHigh', 'writebackLow', 'writebackMaxAge', 'peerTimeout', 'resyncRate', 'busyPoll']);
 
 /** Config-file values fill in what neither a flag nor the environment set. */
 function applyConfigFile(cmd: Command, file: string): void {
@@ -307,11 +322,12 @@ function parsePercent(text: string, what: string): number {
 }
 
 /** "500ms", "5s", "2m", or plain seconds. */
+/** A duration in milliseconds (fractions allowed) from e.g. "100us", "500ms", "5s", "2m"; no unit means seconds. */
 export function parseDuration(text: string, what: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$/.exec(text);
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m)?\s*$/.exec(text);
   if (!m) throw new UsageError(`invalid --${what} "${text}": use e.g. 500ms, 5s or 2m`);
   const unit = m[2] ?? 's';
-  return Number(m[1]) * (unit === 'ms' ? 1 : unit === 's' ? 1000 : 60_000);
+  return Number(m[1]) * (unit === 'us' ? 0.001 : unit === 'ms' ? 1 : unit === 's' ? 1000 : 60_000);
 }
 
 function parseWriteback(high: string, low: string, maxAge: string): Config['writeback'] {

@@ -15,6 +15,7 @@ import type { Logger } from './log';
 import { createNodeMetrics, type MetricsSnapshot } from './metrics/prometheus';
 import { NodeRequestStats } from './metrics/request-stats';
 import { ExportRegistry, type ExportHandle } from './server/exports';
+import { BusyPoll } from './server/busy-poll';
 import { NbdServer } from './server/listener';
 import { LINK_PREFIX, Replica, type ReplicaStatus } from './replication/replica';
 import { BackingFile, checkCapacity, lockDataDir } from './storage/backing-file';
@@ -221,7 +222,8 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
         }),
       };
     };
-    const metrics = createNodeMetrics({ requests, snapshot }, { version: packageVersion(), nodeId });
+    const busyPoll = new BusyPoll(config.busyPollMs);
+    const metrics = createNodeMetrics({ requests, snapshot, busyPoll }, { version: packageVersion(), nodeId });
     http.addRoute('GET /v1/status', (_req, res) => sendJson(res, 200, status()));
     http.addRoute('GET /metrics', async (_req, res) => {
       const text = await metrics.text();
@@ -230,7 +232,7 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     });
     addReplicationRoutes(http, replicas);
 
-    nbd = new NbdServer(new ExportRegistry(handles, linkExport), log.child({ component: 'nbd' }), requests);
+    nbd = new NbdServer(new ExportRegistry(handles, linkExport), log.child({ component: 'nbd' }), requests, {}, busyPoll);
     const addresses = { nbd: await nbd.listen(config.listen), http: httpAddress };
     log.info(
       { nbd: formatAddress(addresses.nbd), http: formatAddress(addresses.http), exports: config.exports.map((e) => e.name), dataDir: config.dataDir, durability: config.durability },

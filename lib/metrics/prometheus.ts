@@ -39,6 +39,8 @@ export interface MetricsSnapshot {
 export interface MetricsSource {
   requests: NodeRequestStats;
   snapshot(): MetricsSnapshot;
+  /** The event loop's busy polling (see BusyPoll), when the node has it. */
+  busyPoll?: { readonly polledSeconds: number };
 }
 
 type Values = Array<MetricValueWithName<string>>;
@@ -168,6 +170,10 @@ export function createNodeMetrics(src: MetricsSource, info: { version: string; n
   );
   counter('nbdmirror_reply_pool_partial_writes_total', 'Reply batches from the thread pool the socket took only in part (the rest went through the event loop)', [], (set) =>
     set({}, src.requests.replyPoolWrites.partial),
+  );
+
+  counter('nbdmirror_busy_poll_seconds_total', 'Time the event loop spent polling for requests instead of sleeping (--busy-poll)', [], (set) =>
+    set({}, src.busyPoll?.polledSeconds ?? 0),
   );
 
   // --- Region, writeback, read cache

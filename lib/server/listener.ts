@@ -6,6 +6,7 @@ import type { Address } from '../config';
 import type { Logger } from '../log';
 import type { NodeRequestStats } from '../metrics/request-stats';
 import { BufferPool } from '../storage/buffer-pool';
+import type { BusyPoll } from './busy-poll';
 import { Connection } from './connection';
 import { ReceiveBuffers } from './receive-buffers';
 import type { PoolWriteCounts, ReplyWriterOptions } from './reply-writer';
@@ -34,6 +35,8 @@ export class NbdServer {
     /** Connection counters for the metrics (none: not counted). */
     private readonly stats?: NodeRequestStats,
     replyWriter: ReplyWriterOptions = {},
+    /** Keeps the event loop polling for a while after each socket read (none: the loop sleeps at once). */
+    private readonly busyPoll?: BusyPoll,
   ) {
     this.replyWrites = stats?.replyPoolWrites ?? { pool: 0, partial: 0 };
     this.replyWriter = { worthIt: () => this.connections.size > 1, counts: this.replyWrites, ...replyWriter };
@@ -68,7 +71,17 @@ export class NbdServer {
     log.info({ remote: `${socket.remoteAddress}:${socket.remotePort}` }, 'connection accepted');
     const rx = new ReceiveBuffers();
     let conn: Connection | null = null;
-    const adopted = adoptWithBuffers(socket, rx, (chunk) => conn!.receive(chunk));
+    const poll = this.busyPoll;
+    const adopted = adoptWithBuffers(
+      socket,
+      rx,
+      poll === undefined || poll.windowMs <= 0
+        ? (chunk) => conn!.receive(chunk)
+        : (chunk) => {
+            poll.touch();
+            conn!.receive(chunk);
+          },
+    );
     conn = new Connection(adopted, { exports: this.exports, log, buffers: this.readBuffers, rx, replyWriter: this.replyWriter });
     this.connections.add(conn);
     const st = this.stats;

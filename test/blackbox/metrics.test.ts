@@ -81,6 +81,7 @@ if (requireTool(t, 'nbdcopy') && requireTool(t, 'promtool')) {
     t.ok(bypassed > 0 && bypassed <= 8 * MiB, `nbdcopy's long writes went past the region (${bypassed} bytes), the short one did not`);
     t.equal(m.get('nbdmirror_replication_role{export="disk0",role="primary"}'), 1, 'a single node is primary');
     t.ok((m.get('process_resident_memory_bytes') ?? 0) > 0, 'process defaults are there');
+    t.ok(m.get('nbdmirror_busy_poll_seconds_total')! > 0, `the loop polled after requests (default --busy-poll): ${m.get('nbdmirror_busy_poll_seconds_total')} s`);
 
     // nbdcopy reads with four connections, 256 KiB per request: long replies go out from the thread pool.
     t.equal(m.get('nbdmirror_reply_pool_writes_total'), 0, 'no pool writes so far: short replies, or one connection');
@@ -95,6 +96,16 @@ if (requireTool(t, 'nbdcopy') && requireTool(t, 'promtool')) {
     t.match(type, /^text\/plain; version=0\.0\.4/, 'Prometheus text format');
     const pc = spawnSync('promtool', ['check', 'metrics'], { input: text, encoding: 'utf8', timeout: 30_000 });
     t.equal(pc.status, 0, 'promtool check metrics: clean', { stdout: pc.stdout, stderr: pc.stderr });
+  });
+
+  t.test('--busy-poll 0: the loop never polls', async (t) => {
+    const srv = await startServer(t, { args: ['--export', 'disk0=16M', '--pmem-size', '16M', '--busy-poll', '0'] });
+    const c = await NbdClient.connect({ host: '127.0.0.1', port: srv.nbdPort }, { exportName: 'disk0', metaContexts: [] });
+    for (let i = 0; i < 20; i++) await c.pwrite(Buffer.alloc(4096, i), i * 4096);
+    await c.disconnect();
+    const m = await scrape(srv.httpPort);
+    t.equal(m.get(`nbdmirror_requests_total${req('write')}`), 20, 'the writes were served');
+    t.equal(m.get('nbdmirror_busy_poll_seconds_total'), 0, 'no time spent polling');
   });
 }
 

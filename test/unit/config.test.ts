@@ -61,6 +61,7 @@ t.test('defaults', async (t) => {
     peer: null,
     peerTimeoutMs: 5000,
     resyncRate: 0,
+    busyPollMs: 0.1,
     adminToken: null,
   });
   t.equal(DEFAULTS.export, 'disk0=1G');
@@ -87,6 +88,19 @@ t.test('replication flags', async (t) => {
   ] as Array<[string[], RegExp]>) {
     t.throws(() => config(args), re, args.join(' '));
   }
+});
+
+t.test('--busy-poll: a duration down to microseconds, 0 turns it off, at most 10ms', async (t) => {
+  t.equal(config(['--busy-poll', '0']).busyPollMs, 0, 'off');
+  t.equal(config(['--busy-poll', '50us']).busyPollMs, 0.05);
+  t.equal(config(['--busy-poll', '2ms']).busyPollMs, 2);
+  t.equal(config(['--busy-poll', '10ms']).busyPollMs, 10, 'the bound itself');
+  t.equal(config([], { NBDMIRROR_BUSY_POLL: '300us' }).busyPollMs, 0.3, 'from the environment');
+  t.equal(config(['--config', writeJson(t.testdir(), 'off.json', { busyPoll: 0 })]).busyPollMs, 0, 'a JSON number in the config file');
+  t.match(usageError(t, ['--busy-poll', '11ms']), /--busy-poll must be at most 10ms/);
+  t.match(usageError(t, ['--busy-poll', '1']), /at most 10ms/, 'no unit means seconds');
+  t.match(usageError(t, ['--busy-poll', '-5us']), /invalid --busy-poll "-5us"/);
+  t.match(usageError(t, ['--busy-poll', '5ns']), /invalid --busy-poll/);
 });
 
 t.test('--admin-token: required off loopback, at least 8 characters', async (t) => {
@@ -179,6 +193,7 @@ t.test('the config file', async (t) => {
       'writeback-high': 90,
       'writeback-low': '5',
       'writeback-max-age': '1s',
+      'busy-poll': '250us',
       'admin-token': 'file-token',
     });
     t.same(config(['--config', file]), {
@@ -200,6 +215,7 @@ t.test('the config file', async (t) => {
       peer: null,
       peerTimeoutMs: 5000,
       resyncRate: 0,
+      busyPollMs: 0.25,
       adminToken: 'file-token',
     });
     t.throws(() => config(['--config', writeJson(dir, 'bad-dur.json', { durability: 'ram' })]), /"durability" must be/);
