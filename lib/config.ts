@@ -321,7 +321,6 @@ function parsePercent(text: string, what: string): number {
   return v / 100;
 }
 
-/** "500ms", "5s", "2m", or plain seconds. */
 /** A duration in milliseconds (fractions allowed) from e.g. "100us", "500ms", "5s", "2m"; no unit means seconds. */
 export function parseDuration(text: string, what: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m)?\s*$/.exec(text);

@@ -72,16 +72,10 @@ export class NbdServer {
     const rx = new ReceiveBuffers();
     let conn: Connection | null = null;
     const poll = this.busyPoll;
-    const adopted = adoptWithBuffers(
-      socket,
-      rx,
-      poll === undefined || poll.windowMs <= 0
-        ? (chunk) => conn!.receive(chunk)
-        : (chunk) => {
-            poll.touch();
-            conn!.receive(chunk);
-          },
-    );
+    const adopted = adoptWithBuffers(socket, rx, (chunk) => {
+      poll?.touch(); // returns at once when polling is off
+      conn!.receive(chunk);
+    });
     conn = new Connection(adopted, { exports: this.exports, log, buffers: this.readBuffers, rx, replyWriter: this.replyWriter });
     this.connections.add(conn);
     const st = this.stats;
