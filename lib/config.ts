@@ -111,7 +111,7 @@ export function serverCommand(): Command {
     )
     .addOption(new Option('--cache-size <size>', 'read cache of clean blocks (0 disables)').default(DEFAULTS.cacheSize).env('NBDMIRROR_CACHE_SIZE'))
     .addOption(
-      new Option('--write-bypass <size>', 'writes this long (whole pages, none dirty in the region) go straight to the backing file (0 disables)')
+      new Option('--write-bypass <size>', 'writes this long (whole pages) go straight to the backing file (0 disables)')
         .default(DEFAULTS.writeBypass)
         .env('NBDMIRROR_WRITE_BYPASS'),
     )

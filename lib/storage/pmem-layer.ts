@@ -36,6 +36,9 @@ const BYPASS_WAIT_ROUNDS = 16;
 /** Writes of at least this many bytes may bypass the region by default (see bypass()). */
 export const BYPASS_MIN = 256 << 10;
 
+/** Wait before the backing sync that settles pages written through by bypasses (see settleSoon), in ms. */
+const SETTLE_DELAY_MS = 100;
+
 /** CACHE prefetches at most this much per request. */
 const CACHE_PREFETCH_MAX = 32 << 20;
 
@@ -51,6 +54,11 @@ export class PmemLayer implements BlockDevice {
   private dropping = 0;
   /** A write went straight to the backing file since the last FLUSH began (pmem durability must flush it). */
   private bypassedSinceFlush = false;
+  /** Pages a bypass gave new versions that the backing file holds too (slot, seq pairs; see supersedeDirty). */
+  private writtenThrough: number[] = [];
+  /** The backing sync after which writtenThrough's pages are clean (see settleSoon). */
+  private settleTimer: NodeJS.Timeout | null = null;
+  private closed = false;
 
   constructor(
     private readonly store: PmemStore,
@@ -79,14 +87,14 @@ export class PmemLayer implements BlockDevice {
     this.store.cache.invalidate(this.e.id, first, last);
     if (buf.length >= this.bypassMin) {
       const b = this.bypass(buf, offset, first, last);
-      if (b === BYPASSED) return flags.fua ? this.e.backing.flush() : null;
+      if (b === BYPASSED) return flags.fua ? this.bypassedFua() : null;
       if (b === BUSY) return this.bypassWhenIdle(buf, offset, first, last, flags);
     }
     let block = first;
     let inPage = offset - first * PAGE_SIZE;
     for (let pos = 0; pos < buf.length; block++, inPage = 0) {
       const n = Math.min(PAGE_SIZE - inPage, buf.length - pos);
-      if ((this.pending.size !== 0 && this.pending.has(block)) || !this.installNow(block, inPage, buf, pos, n)) {
+      if ((this.pending.size !== 0 && this.pending.has(block)) || this.installNow(block, inPage, buf, pos, n) < 0) {
         return this.pwriteRest(buf, offset, pos, flags);
       }
       pos += n;
@@ -104,12 +112,15 @@ export class PmemLayer implements BlockDevice {
    * the region does, and saves a copy, a checksum and the later writeback per page, which streaming writes
    * otherwise pay through a region far smaller than the export (bcache bypasses its cache for sequential I/O
    * for the same reason). No older version of a block may land after it: the write is refused while any
-   * block of it is queued for a read-modify-write, while a TRIM/WRITE_ZEROES (whose detached pages recovery
-   * could still write back) is under way, or while a page of it may not leave the region (see droppable);
-   * while a block of it is being written back it waits (BUSY, see bypassWhenIdle). The range's resident pages
-   * leave the region right after the backing write, before the write is acknowledged: a crash in between
-   * recovers their older bytes over a write nobody was told about, which is allowed. FLUSH and FUA then also
-   * flush the backing file, in pmem durability too (see makeDurable).
+   * block of it is queued for a read-modify-write, or while a TRIM/WRITE_ZEROES (whose detached pages recovery
+   * could still write back) is under way; while a block of it is being written back it waits (BUSY, see
+   * bypassWhenIdle). The range's clean pages leave the region right after the backing write, before the write
+   * is acknowledged: a crash in between recovers their older bytes over a write nobody was told about, which
+   * is allowed. Its dirty pages leave too in disk durability; in pmem durability one may be the only copy of
+   * flushed data until the backing file is synced, so each gets its new version in the region first, the way
+   * any write supersedes a dirty page (after random writes a dirty page sits every few blocks, and refusing
+   * the bypass for one sent the whole write through the region). FLUSH and FUA then also flush the backing
+   * file, in pmem durability too (see makeDurable).
    */
   private bypass(buf: Buffer, offset: number, first: number, last: number): Bypass {
     const e = this.e;
@@ -120,14 +131,72 @@ export class PmemLayer implements BlockDevice {
     if (this.pending.size !== 0) for (const b of this.pending.keys()) if (b >= first && b <= last) return REFUSED;
     const busy = e.writing.nextSet(first);
     if (busy >= 0 && busy <= last) return BUSY;
+    // A pinned slot is being written back, so its block is in `writing`: no page of the range is pinned.
     const resident = e.index.size !== 0;
-    if (resident && !this.droppable(first, last)) return REFUSED;
+    const keepDirty = resident && this.durability === 'pmem';
+    if (keepDirty && !this.supersedeDirty(buf, offset, first, last)) return REFUSED;
     if (!pwriteNow.call(e.backing, [buf], offset)) return REFUSED;
-    if (resident) this.dropPages(first, last);
+    if (resident) this.dropPages(first, last, keepDirty);
+    if (keepDirty) this.settleSoon();
     e.generation++; // a read of these blocks in flight must not fill the cache with what it read before
     this.bypassedSinceFlush = true;
     this.store.bypassBytes += buf.length;
     return BYPASSED;
+  }
+
+  /**
+   * FUA of a bypassed write: the backing file's flush, and in pmem durability the region's sync first (the
+   * write may have given dirty pages new versions there, see supersedeDirty).
+   */
+  private bypassedFua(): Promise<void> {
+    return this.durability === 'pmem' ? this.makeDurable() : this.e.backing.flush();
+  }
+
+  /**
+   * For a bypass in pmem durability: the dirty pages of blocks first..last get their part of buf as a new
+   * version in the region. False when a slot is not at hand for one (the region path then installs every
+   * page again, the ones done here included). The new versions are what the backing file gets too: once it
+   * is synced they are clean (see settleSoon), so the next long write over them drops them instead of
+   * copying them again, and the writeback never writes them.
+   */
+  private supersedeDirty(buf: Buffer, offset: number, first: number, last: number): boolean {
+    const r = this.store.region;
+    const dirty = this.e.dirty;
+    const through = this.writtenThrough;
+    const mark = through.length;
+    for (let b = dirty.nextSet(first); b >= 0 && b <= last; b = dirty.nextSet(b + 1)) {
+      const pos = b * PAGE_SIZE - offset;
+      const slot = this.installNow(b, 0, buf, pos, Math.min(PAGE_SIZE, buf.length - pos));
+      if (slot < 0) {
+        through.length = mark; // the backing file does not get these bytes
+        return false;
+      }
+      through.push(slot, r.slotSeq[slot]!);
+    }
+    return true;
+  }
+
+  /**
+   * The pages supersedeDirty wrote through become clean after the backing file's next sync. Syncs are a
+   * little apart so that one covers many long writes.
+   */
+  private settleSoon(): void {
+    if (this.settleTimer !== null || this.writtenThrough.length === 0) return;
+    this.settleTimer = setTimeout(() => {
+      const pairs = this.writtenThrough;
+      this.writtenThrough = [];
+      this.e.backing.flush().then(
+        () => {
+          for (let i = 0; i < pairs.length; i += 2) this.store.settle(pairs[i]!, pairs[i + 1]!);
+        },
+        // They stay dirty: the writeback writes them back (and reports the backing file's failure).
+        () => undefined,
+      ).finally(() => {
+        this.settleTimer = null;
+        if (!this.closed) this.settleSoon();
+      });
+    }, SETTLE_DELAY_MS);
+    this.settleTimer.unref();
   }
 
   /**
@@ -145,7 +214,7 @@ export class PmemLayer implements BlockDevice {
       this.store.cache.invalidate(this.e.id, first, last);
       const b = this.bypass(buf, offset, first, last);
       if (b === BYPASSED) {
-        if (flags.fua) await this.e.backing.flush();
+        if (flags.fua) await this.bypassedFua();
         return;
       }
       if (b === REFUSED) break;
@@ -154,32 +223,15 @@ export class PmemLayer implements BlockDevice {
   }
 
   /**
-   * For a bypass: whether the resident pages of blocks first..last may leave the region. None may be read by
-   * a writeback. A clean page may go. A dirty page may go in disk durability: it holds only data written since
-   * the last FLUSH (a FLUSH there writes back every dirty page before its fdatasync, so a FLUSH under way
-   * fdatasyncs the bypassed write too), which the write supersedes. In pmem durability a dirty page may be the
-   * only copy of flushed data until the bypassed write is synced, so the write goes through the region.
+   * The resident pages of blocks first..last leave the region (their page table entries are cleared); the
+   * dirty ones stay when keepDirty (they hold the bypassed write already, see bypass).
    */
-  private droppable(first: number, last: number): boolean {
+  private dropPages(first: number, last: number, keepDirty: boolean): void {
     const e = this.e;
-    const r = this.store.region;
-    const dirtyOk = this.durability !== 'pmem';
+    const state = this.store.region.slotState;
     for (let b = first; b <= last; b++) {
       const slot = e.index.get(b);
-      if (slot === undefined) continue;
-      if (r.slotPins[slot] !== 0) return false;
-      const st = r.slotState[slot];
-      if (st !== SLOT_CLEAN && !(dirtyOk && st === SLOT_DIRTY)) return false;
-    }
-    return true;
-  }
-
-  /** The resident pages of blocks first..last leave the region (their page table entries are cleared). */
-  private dropPages(first: number, last: number): void {
-    const e = this.e;
-    for (let b = first; b <= last; b++) {
-      const slot = e.index.get(b);
-      if (slot === undefined) continue;
+      if (slot === undefined || (keepDirty && state[slot] === SLOT_DIRTY)) continue;
       e.index.delete(b);
       this.store.retire(slot);
     }
@@ -194,7 +246,7 @@ export class PmemLayer implements BlockDevice {
       const n = Math.min(PAGE_SIZE - inPage, buf.length - pos);
       const src = buf.subarray(pos, pos + n);
       if (this.pending.size === 0 || !this.pending.has(block)) {
-        if (!this.installNow(block, inPage, src, 0, n)) await this.queue(block, () => this.installSlow(block, inPage, src));
+        if (this.installNow(block, inPage, src, 0, n) < 0) await this.queue(block, () => this.installSlow(block, inPage, src));
       } else {
         await this.queue(block, () => this.installSlow(block, inPage, src));
       }
@@ -205,9 +257,10 @@ export class PmemLayer implements BlockDevice {
 
   /**
    * Install buf[pos, pos+n) at inPage of block without waiting, if possible: a whole page, or a partial page
-   * whose base is resident, with a slot at hand. Returns false when the caller must take the slow path.
+   * whose base is resident, with a slot at hand. Returns the slot, or -1 when the caller must take the slow
+   * path.
    */
-  private installNow(block: number, inPage: number, buf: Buffer, pos: number, n: number): boolean {
+  private installNow(block: number, inPage: number, buf: Buffer, pos: number, n: number): number {
     const s = this.store;
     const r = s.region;
     const slot = this.e.index.get(block);
@@ -215,29 +268,29 @@ export class PmemLayer implements BlockDevice {
       if (r.slotState[slot] === SLOT_CLEAN && r.slotPins[slot] === 0) {
         copyInto(r.page(slot), inPage, buf, pos, n);
         s.installDirty(this.e, block, slot);
-        return true;
+        return slot;
       }
       const ns = s.tryTakeSlot();
-      if (ns < 0) return false;
+      if (ns < 0) return -1;
       const page = r.page(ns);
       if (n < PAGE_SIZE) page.set(r.page(slot));
       copyInto(page, inPage, buf, pos, n);
       s.installDirty(this.e, block, ns);
-      return true;
+      return ns;
     }
-    if (n < PAGE_SIZE) return false;
+    if (n < PAGE_SIZE) return -1;
     const ns = s.tryTakeSlot();
-    if (ns < 0) return false;
+    if (ns < 0) return -1;
     copyInto(r.page(ns), 0, buf, pos, n);
     s.installDirty(this.e, block, ns);
-    return true;
+    return ns;
   }
 
   /** Install after reading the base page and/or waiting for a free slot. Runs queued per block. */
   private async installSlow(block: number, inPage: number, src: Buffer): Promise<void> {
     const partial = src.length < PAGE_SIZE;
     for (;;) {
-      if (this.installNow(block, inPage, src, 0, src.length)) return;
+      if (this.installNow(block, inPage, src, 0, src.length) >= 0) return;
       let base: Buffer | null = null;
       if (partial && !this.e.index.has(block)) {
         base = Buffer.allocUnsafe(PAGE_SIZE);
@@ -622,6 +675,8 @@ export class PmemLayer implements BlockDevice {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
+    if (this.settleTimer !== null) clearTimeout(this.settleTimer); // no effect once its sync is under way
     await this.writeback.flushExport(this.e);
   }
 }

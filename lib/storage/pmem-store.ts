@@ -279,12 +279,8 @@ export class PmemStore {
         this.releaseOnUnpin[slot] = 0;
         this.detached[slot] = 0;
         r.release(slot);
-      } else if (writtenSeq !== null && !this.detached[slot] && r.slotState[slot] === SLOT_DIRTY && r.slotSeq[slot] === writtenSeq) {
-        r.slotState[slot] = SLOT_CLEAN;
-        this.dirtyCount--;
-        this.cleanQueue.add(slot);
-        // A dirty slot that is not detached is its block's current page.
-        this.exports[r.slotExport[slot]!]!.dirty.clear(r.slotBlock[slot]!);
+      } else if (writtenSeq !== null) {
+        this.settle(slot, writtenSeq);
       }
       const waiters = this.unpinWaiters.size === 0 ? undefined : this.unpinWaiters.get(slot);
       if (waiters) {
@@ -298,6 +294,20 @@ export class PmemStore {
       for (const f of w) f();
     }
     this.notifySlots();
+  }
+
+  /**
+   * The backing file holds (durably, where that is asked for) what slot held at sequence number seq: if the
+   * slot still holds that version of its block and no writeback has it, the page is clean from now on.
+   */
+  settle(slot: number, seq: number): void {
+    const r = this.region;
+    if (r.slotPins[slot] !== 0 || this.detached[slot] || r.slotState[slot] !== SLOT_DIRTY || r.slotSeq[slot] !== seq) return;
+    r.slotState[slot] = SLOT_CLEAN;
+    this.dirtyCount--;
+    this.cleanQueue.add(slot);
+    // A dirty slot that is not detached is its block's current page.
+    this.exports[r.slotExport[slot]!]!.dirty.clear(r.slotBlock[slot]!);
   }
 
   /** Resolves when no writeback holds slot. */

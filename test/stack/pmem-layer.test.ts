@@ -899,19 +899,69 @@ t.test('bypass over clean resident pages: they leave the region first, so a cras
   t.equal(s.store.bypassBytes, 128 * KiB, 'bypassed although clean pages of it were resident');
   t.equal(s.se.index.size, 0, 'the clean pages left the region');
   t.ok((await read(layer, 0, 128 * KiB)).equals(fresh), 'reads see the new data');
-  // A dirty page in the range keeps the write in the region.
+  // A dirty page in the range (pmem durability) gets the write's bytes as a new version in the region.
   await layer.pwrite(pattern(PS, 3), 256 * KiB);
-  await layer.pwrite(pattern(128 * KiB, 4), 256 * KiB);
-  t.equal(s.store.bypassBytes, 128 * KiB, 'a dirty page: no bypass');
+  const over = pattern(128 * KiB, 4);
+  await layer.pwrite(over, 256 * KiB);
+  t.equal(s.store.bypassBytes, 256 * KiB, 'bypassed over a dirty page too');
   // Crash now: recovery must not write the dropped clean pages' old bytes over the bypassed write.
   await s.crash();
   let report: RecoveryReport | null = null;
   const { region } = await PmemRegion.open({ file: s.file, nodeUuid: s.uuid, size: MIN_PAGES * PS, writeBack: async (r) => void (report = r) });
   t.teardown(() => region.close());
-  const blocks = (report as RecoveryReport | null)?.pages.map((p) => p.block) ?? [];
-  t.ok(blocks.includes(64), 'the dirty page was recovered (the report lists pages by block)');
-  t.ok(blocks.every((b) => b >= 64), `no recovered page of the bypassed blocks 0..31 (recovered blocks: ${blocks.length})`);
+  const pages = (report as RecoveryReport | null)?.pages ?? [];
+  const blocks = pages.map((p) => p.block);
+  t.same(blocks, [64], `only block 64 is recovered, none of the bypassed blocks 0..31 (recovered: ${blocks.join(',')})`);
+  t.ok(pages[0]?.data.equals(over.subarray(0, PS)), "with the second write's bytes, not the page it superseded");
   t.ok((await dev.raw(0, 128 * KiB)).equals(fresh), 'the backing device holds the bypassed write');
+});
+
+t.test('bypass over dirty pages (pmem durability): new versions in the region, clean once the backing device is synced', async (t) => {
+  const s = await stack(t, { size: 4 * MiB, durability: 'pmem', bypassMin: 64 * KiB });
+  const { layer, dev, se, store } = s;
+  await layer.pwrite(pattern(PS, 1), 8 * PS);
+  await layer.pwrite(pattern(PS, 1), 40 * PS);
+  await layer.flush(); // flushed: in pmem durability the region pages are these writes' only durable copy
+  const before = se.index.get(8)!;
+  const flushes = dev.flushes;
+  const fresh = pattern(128 * KiB, 2);
+  await layer.pwrite(fresh, 0);
+  t.equal(store.bypassBytes, 128 * KiB, 'bypassed');
+  const after = se.index.get(8);
+  t.ok(after !== undefined && after !== before, 'block 8 has a new slot: the flushed page was not overwritten');
+  t.ok(store.region.page(after!).equals(fresh.subarray(8 * PS, 9 * PS)), "the new version holds the write's bytes");
+  t.equal(store.dirtyCount, 2, 'both pages still dirty: the backing device is not synced yet');
+  t.equal(dev.flushes, flushes, 'and is not synced by the write itself');
+  t.ok((await dev.raw(0, 128 * KiB)).equals(fresh), 'the backing device holds the write');
+  t.ok((await read(layer, 0, 128 * KiB)).equals(fresh), 'reads see it');
+  const fresh2 = pattern(128 * KiB, 3);
+  await layer.pwrite(fresh2, 32 * PS); // over block 40: a new version there too
+  const short = pattern(PS, 5);
+  await layer.pwrite(short, 40 * PS); // rewritten through the region before the sync: not what the device holds
+  await until(() => store.dirtyCount === 1, 'block 8 to settle');
+  t.ok(dev.flushes > flushes, 'the backing device was synced before');
+  t.ok(!se.dirty.get(8) && se.index.get(8) !== undefined, 'block 8 is clean and resident');
+  t.ok(se.dirty.get(40), 'block 40, rewritten since, stays dirty');
+  // A long write over a settled (clean) page drops it instead of copying it again.
+  await layer.pwrite(fresh2, 0);
+  t.equal(se.index.get(8), undefined, 'the next long write over block 8 dropped it from the region');
+  // FUA on a bypassed write in pmem durability: the region (new versions) is synced, then the backing device.
+  let syncs = 0;
+  const regionSync = store.region.sync.bind(store.region);
+  store.region.sync = () => {
+    syncs++;
+    regionSync();
+  };
+  const f = dev.flushes;
+  await layer.pwrite(fresh, 0, { fua: true });
+  t.ok(syncs > 0 && dev.flushes > f, `FUA synced the region (${syncs}) and flushed the backing device`);
+  const want = Buffer.alloc(4 * MiB);
+  fresh.copy(want, 0);
+  fresh2.copy(want, 32 * PS);
+  short.copy(want, 40 * PS);
+  t.ok((await read(layer, 0, 4 * MiB)).equals(want), 'everything reads back');
+  await layer.close();
+  t.ok((await dev.raw(0, 4 * MiB)).equals(want), 'and the backing device holds it after close');
 });
 
 t.test('bypass over dirty pages (disk durability): they leave the region after the backing write, and a crash does not bring them back', async (t) => {
