@@ -134,8 +134,19 @@ export class PmemLayer implements BlockDevice {
     // A pinned slot is being written back, so its block is in `writing`: no page of the range is pinned.
     const resident = e.index.size !== 0;
     const keepDirty = resident && this.durability === 'pmem';
-    if (keepDirty && !this.supersedeDirty(buf, offset, first, last)) return REFUSED;
-    if (!pwriteNow.call(e.backing, [buf], offset)) return REFUSED;
+    const mark = this.writtenThrough.length;
+    if (keepDirty && !this.supersedeDirty(buf, offset, first, last)) {
+      this.writtenThrough.length = mark; // the backing file does not get these bytes
+      return REFUSED;
+    }
+    let written = false;
+    try {
+      written = pwriteNow.call(e.backing, [buf], offset);
+    } finally {
+      // Not in the backing file (refused, or failed): the new versions must not be settled clean.
+      if (!written) this.writtenThrough.length = mark;
+    }
+    if (!written) return REFUSED;
     if (resident) this.dropPages(first, last, keepDirty);
     if (keepDirty) this.settleSoon();
     e.generation++; // a read of these blocks in flight must not fill the cache with what it read before
@@ -163,14 +174,10 @@ export class PmemLayer implements BlockDevice {
     const r = this.store.region;
     const dirty = this.e.dirty;
     const through = this.writtenThrough;
-    const mark = through.length;
     for (let b = dirty.nextSet(first); b >= 0 && b <= last; b = dirty.nextSet(b + 1)) {
       const pos = b * PAGE_SIZE - offset;
       const slot = this.installNow(b, 0, buf, pos, Math.min(PAGE_SIZE, buf.length - pos));
-      if (slot < 0) {
-        through.length = mark; // the backing file does not get these bytes
-        return false;
-      }
+      if (slot < 0) return false; // bypass() forgets the pairs pushed here
       through.push(slot, r.slotSeq[slot]!);
     }
     return true;

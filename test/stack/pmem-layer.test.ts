@@ -964,6 +964,28 @@ t.test('bypass over dirty pages (pmem durability): new versions in the region, c
   t.ok((await dev.raw(0, 4 * MiB)).equals(want), 'and the backing device holds it after close');
 });
 
+t.test('bypass over dirty pages (pmem durability): when the backing write fails, the new versions are not settled clean', async (t) => {
+  const s = await stack(t, { size: 4 * MiB, durability: 'pmem', bypassMin: 64 * KiB });
+  const { layer, dev, se } = s;
+  await layer.pwrite(pattern(PS, 1), 8 * PS);
+  const pwriteNow = dev.pwriteNow.bind(dev);
+  dev.pwriteNow = () => {
+    throw Object.assign(new Error('EIO: i/o error, write'), { code: 'EIO' });
+  };
+  await t.rejects(async () => layer.pwrite(pattern(128 * KiB, 2), 0), { code: 'EIO' }, 'the write fails');
+  dev.pwriteNow = pwriteNow;
+  t.ok(se.dirty.get(8), 'block 8 is dirty');
+  // A bypass elsewhere starts a settling sync; block 8's new version never reached the device.
+  const flushes = dev.flushes;
+  await layer.pwrite(pattern(PS, 3), 100 * PS);
+  await layer.pwrite(pattern(128 * KiB, 4), 96 * PS);
+  await until(() => !se.dirty.get(100), 'block 100 to settle');
+  t.ok(dev.flushes > flushes, 'the backing device was synced');
+  t.ok(se.dirty.get(8), 'block 8 is still dirty: its writeback will put it in the backing device');
+  await layer.close();
+  t.ok((await dev.raw(8 * PS, PS)).equals(pattern(128 * KiB, 2).subarray(8 * PS, 9 * PS)), "written back at close: the region's version of block 8");
+});
+
 t.test('bypass over dirty pages (disk durability): they leave the region after the backing write, and a crash does not bring them back', async (t) => {
   const s = await stack(t, { size: 4 * MiB, durability: 'disk', bypassMin: 64 * KiB });
   const { layer, dev } = s;
