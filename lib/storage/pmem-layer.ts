@@ -135,15 +135,11 @@ export class PmemLayer implements BlockDevice {
     const resident = e.index.size !== 0;
     const keepDirty = resident && this.durability === 'pmem';
     const mark = this.writtenThrough.length;
-    if (keepDirty && !this.supersedeDirty(buf, offset, first, last)) {
-      this.writtenThrough.length = mark; // the backing file does not get these bytes
-      return REFUSED;
-    }
     let written = false;
     try {
-      written = pwriteNow.call(e.backing, [buf], offset);
+      written = (!keepDirty || this.supersedeDirty(buf, offset, first, last)) && pwriteNow.call(e.backing, [buf], offset);
     } finally {
-      // Not in the backing file (refused, or failed): the new versions must not be settled clean.
+      // Not in the backing file (no slot for a new version, refused, or failed): none may be settled clean.
       if (!written) this.writtenThrough.length = mark;
     }
     if (!written) return REFUSED;
