@@ -16,6 +16,7 @@ import * as path from 'node:path';
 import { crc32 } from '@node-rs/crc32';
 import * as fsext from 'fs-ext';
 import mmap from '@riaskov/mmap-io';
+import { crc32Short } from './crc32-short';
 import { mapPages, PageViews, type RegionGeometry } from './region-map';
 import { CorruptStateError, LockedError, UsageError } from '../errors';
 
@@ -361,8 +362,9 @@ async function preallocate(fh: fsp.FileHandle, size: number, file: string): Prom
   }
 }
 
+/** The crc32 of an entry's first 20 bytes followed by its page (one native call: the entry's bytes are few). */
 function pageCrc(table: Buffer, e: number, page: Buffer): number {
-  return crc32(page, crc32(table.subarray(e, e + 20)));
+  return crc32(page, crc32Short(table, e, e + 20));
 }
 
 function readExportTable(header: Buffer): string[] {

@@ -361,8 +361,6 @@ function blockKey(exportId: number, block: number): number {
   return exportId * 2 ** 40 + block;
 }
 
-export { PAGE_SIZE, SLOT_CLEAN, SLOT_DIRTY, SLOT_FREE };
-
 /**
  * Clean slots in the order they became clean: a FIFO with lazy deletion. Each add stamps the slot with a new
  * ticket; a queue entry counts only while its ticket is the slot's current one, so a slot deleted and added

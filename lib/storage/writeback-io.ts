@@ -5,7 +5,8 @@
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { RegionGeometry } from './region-map';
-import type { WorkerInit, WriteBatch, WriteBatchResult, WriteJob } from './writeback-worker';
+import { packJobs, type WriteBatch, type WriteBatchResult, type WriteJob } from './writeback-jobs';
+import type { WorkerInit } from './writeback-worker';
 
 export type { WriteJob };
 
@@ -23,7 +24,7 @@ export class WriteJobError extends Error {
 export class WritebackIo {
   private readonly worker: Worker;
   private nextId = 1;
-  private readonly pending = new Map<number, { resolve: (errors: Array<Error | null>) => void; reject: (err: Error) => void }>();
+  private readonly pending = new Map<number, { jobs: number; resolve: (errors: Array<Error | null>) => void; reject: (err: Error) => void }>();
   private failed: Error | null = null;
   private closed = false;
 
@@ -37,7 +38,12 @@ export class WritebackIo {
       const p = this.pending.get(r.id);
       if (p === undefined) return;
       this.pending.delete(r.id);
-      p.resolve(r.errors.map((e) => (e === null ? null : new WriteJobError(e.code, e.message))));
+      const errors: Array<Error | null> = [];
+      for (let i = 0; i < p.jobs; i++) {
+        const e = r.errors?.[i] ?? null;
+        errors.push(e === null ? null : new WriteJobError(e.code, e.message));
+      }
+      p.resolve(errors);
     });
     this.worker.on('error', (err) => this.fail(err));
     this.worker.on('exit', (code) => {
@@ -57,9 +63,10 @@ export class WritebackIo {
   write(jobs: WriteJob[], urgent = false): Promise<Array<Error | null>> {
     if (!this.usable) return Promise.reject(this.failed ?? new Error('writeback thread is closed'));
     const id = this.nextId++;
+    const packed = packJobs(jobs);
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ id, jobs, urgent } satisfies WriteBatch);
+      this.pending.set(id, { jobs: jobs.length, resolve, reject });
+      this.worker.postMessage({ id, jobs: packed, urgent } satisfies WriteBatch, [packed.buffer as ArrayBuffer]);
     });
   }
 

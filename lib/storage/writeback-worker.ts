@@ -11,27 +11,7 @@ import { closeSync, openSync, readSync, readlinkSync, writeSync } from 'node:fs'
 import { setPriority } from 'node:os';
 import { parentPort, workerData } from 'node:worker_threads';
 import { PAGE_SIZE, type RegionGeometry } from './region-map';
-
-/** One backing write: the pages of `slots`, back to back, to fd at offset; `length` may cut the last page. */
-export interface WriteJob {
-  fd: number;
-  offset: number;
-  length: number;
-  slots: number[];
-}
-
-export interface WriteBatch {
-  id: number;
-  jobs: WriteJob[];
-  /** Writers are waiting for pages: run at normal priority for this batch (else nice 19). */
-  urgent: boolean;
-}
-
-/** Per job: null on success, else the error's code and message. */
-export interface WriteBatchResult {
-  id: number;
-  errors: Array<{ code: string; message: string } | null>;
-}
+import { unpackJobs, type WriteBatch, type WriteBatchResult, type WriteJob } from './writeback-jobs';
 
 export interface WorkerInit {
   regionFile: string;
@@ -79,15 +59,18 @@ function main(): void {
       urgent = batch.urgent;
       nice(tid, urgent ? 0 : 19);
     }
-    const errors: WriteBatchResult['errors'] = [];
-    for (const job of batch.jobs) {
+    let errors: WriteBatchResult['errors'] = null;
+    let i = 0;
+    for (const job of unpackJobs(batch.jobs)) {
       try {
         writeJob(job, src);
-        errors.push(null);
       } catch (err) {
         const e = err as NodeJS.ErrnoException;
+        errors ??= [];
+        while (errors.length < i) errors.push(null);
         errors.push({ code: e.code ?? 'EIO', message: e.message });
       }
+      i++;
     }
     port.postMessage({ id: batch.id, errors } satisfies WriteBatchResult);
   });

@@ -8,7 +8,8 @@
 import type { Logger } from '../log';
 import type { DirectWrite } from './block-device';
 import type { WritebackIo } from './writeback-io';
-import { PAGE_SIZE, SLOT_DIRTY, type PmemStore, type StoreExport } from './pmem-store';
+import { PAGE_SIZE, SLOT_DIRTY } from './pmem-region';
+import type { PmemStore, StoreExport } from './pmem-store';
 
 export interface WritebackOptions {
   /** Start writing back at this many dirty pages… */
@@ -75,7 +76,12 @@ class Batch {
     return this.block[r]! * PAGE_SIZE;
   }
 
-  /** Run r's slots as a plain array (for the writeback thread's message; short-lived). */
+  /** Run r's slots, a view into the batch (valid until the batch is reused). */
+  runSlotsView(r: number): Int32Array {
+    return this.slots.subarray(this.first[r]!, this.first[r + 1]!);
+  }
+
+  /** Run r's slots as a plain array (short-lived). */
   runSlots(r: number): number[] {
     const out: number[] = [];
     for (let i = this.first[r]!; i < this.first[r + 1]!; i++) out.push(this.slots[i]!);
@@ -279,7 +285,7 @@ export class Writeback {
     const inThread =
       threaded.length === 0
         ? null
-        : io!.write(threaded.map((r) => ({ fd: batch.direct[r]!.fd, offset: batch.offset(r), length: batch.length(r), slots: batch.runSlots(r) })), s.waitingForSlots > 0).then(
+        : io!.write(threaded.map((r) => ({ fd: batch.direct[r]!.fd, offset: batch.offset(r), length: batch.length(r), slots: batch.runSlotsView(r) })), s.waitingForSlots > 0).then(
             (errors) => {
               errors.forEach((err, i) => {
                 const r = threaded[i]!;

@@ -10,8 +10,8 @@ import * as path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { BackingFile } from '../../lib/storage/backing-file';
 import type { BlockDevice, DirectWrite } from '../../lib/storage/block-device';
-import { PmemRegion } from '../../lib/storage/pmem-region';
-import { PmemStore, SLOT_DIRTY, type StoreExport } from '../../lib/storage/pmem-store';
+import { PmemRegion, SLOT_DIRTY } from '../../lib/storage/pmem-region';
+import { PmemStore, type StoreExport } from '../../lib/storage/pmem-store';
 import { ReadCache } from '../../lib/storage/read-cache';
 import { Writeback } from '../../lib/storage/writeback';
 import { WritebackIo } from '../../lib/storage/writeback-io';
@@ -118,6 +118,32 @@ t.test('a failed job leaves its pages dirty and reports the error; the next pass
   broken = false;
   await f.wb.flushExport(f.e);
   t.ok((await readBack(f.bf, 3 * PS, PS)).equals(fillPage(9)), 'written on the retry');
+});
+
+t.test('one batch: each job gets its own result, a failure between successes included', async (t) => {
+  const f = await fixture(t, 32 * PS);
+  const a = f.store.tryTakeSlot();
+  const b = f.store.tryTakeSlot();
+  f.region.page(a).set(fillPage(1));
+  f.region.page(b).set(fillPage(2));
+  const dw = f.bf.directWrite(0, 32 * PS)!;
+  const results = await f.io.write([
+    { fd: dw.fd, offset: 4 * PS, length: PS, slots: [a] },
+    { fd: 1_000_000, offset: 0, length: PS, slots: [a] },
+    { fd: dw.fd, offset: 6 * PS, length: 2 * PS - 100, slots: Int32Array.from([b, a]) },
+    { fd: 1_000_001, offset: 0, length: PS, slots: [b] },
+  ]);
+  dw.done();
+  t.same(
+    results.map((r) => (r === null ? null : (r as NodeJS.ErrnoException).code)),
+    [null, 'EBADF', null, 'EBADF'],
+  );
+  t.ok((await readBack(f.bf, 4 * PS, PS)).equals(fillPage(1)), 'the first job wrote its page');
+  const two = await readBack(f.bf, 6 * PS, 2 * PS);
+  t.ok(two.subarray(0, PS).equals(fillPage(2)), 'the third job wrote its pages in slot order');
+  t.ok(two.subarray(PS, 2 * PS - 100).equals(fillPage(1).subarray(0, PS - 100)), '…the last one cut at its length');
+  t.ok(two.subarray(2 * PS - 100).equals(Buffer.alloc(100)), '…and nothing beyond it');
+  t.same(await f.io.write([]), [], 'an empty batch has no results');
 });
 
 t.test('after the thread is gone, writeback goes on on the event loop', async (t) => {
