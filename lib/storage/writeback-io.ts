@@ -38,11 +38,8 @@ export class WritebackIo {
       const p = this.pending.get(r.id);
       if (p === undefined) return;
       this.pending.delete(r.id);
-      const errors: Array<Error | null> = [];
-      for (let i = 0; i < p.jobs; i++) {
-        const e = r.errors?.[i] ?? null;
-        errors.push(e === null ? null : new WriteJobError(e.code, e.message));
-      }
+      const errors = new Array<Error | null>(p.jobs).fill(null);
+      for (const f of r.failures) errors[f.job] = new WriteJobError(f.code, f.message);
       p.resolve(errors);
     });
     this.worker.on('error', (err) => this.fail(err));

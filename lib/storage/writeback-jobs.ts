@@ -21,10 +21,10 @@ export interface WriteBatch {
   urgent: boolean;
 }
 
-/** Per job: null on success, else the error's code and message; errors is null when every job succeeded. */
+/** The jobs that failed (by their index in the batch), with the error's code and message; none: all written. */
 export interface WriteBatchResult {
   id: number;
-  errors: Array<{ code: string; message: string } | null> | null;
+  failures: Array<{ job: number; code: string; message: string }>;
 }
 
 /** Pack jobs for a WriteBatch. */

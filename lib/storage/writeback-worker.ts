@@ -59,20 +59,18 @@ function main(): void {
       urgent = batch.urgent;
       nice(tid, urgent ? 0 : 19);
     }
-    let errors: WriteBatchResult['errors'] = null;
+    const failures: WriteBatchResult['failures'] = [];
     let i = 0;
     for (const job of unpackJobs(batch.jobs)) {
       try {
         writeJob(job, src);
       } catch (err) {
         const e = err as NodeJS.ErrnoException;
-        errors ??= [];
-        while (errors.length < i) errors.push(null);
-        errors.push({ code: e.code ?? 'EIO', message: e.message });
+        failures.push({ job: i, code: e.code ?? 'EIO', message: e.message });
       }
       i++;
     }
-    port.postMessage({ id: batch.id, errors } satisfies WriteBatchResult);
+    port.postMessage({ id: batch.id, failures } satisfies WriteBatchResult);
   });
 }
 

@@ -76,16 +76,9 @@ class Batch {
     return this.block[r]! * PAGE_SIZE;
   }
 
-  /** Run r's slots, a view into the batch (valid until the batch is reused). */
-  runSlotsView(r: number): Int32Array {
+  /** Run r's slots, a view into the batch (valid until the batch is reused, after its writes). */
+  runSlots(r: number): Int32Array {
     return this.slots.subarray(this.first[r]!, this.first[r + 1]!);
-  }
-
-  /** Run r's slots as a plain array (short-lived). */
-  runSlots(r: number): number[] {
-    const out: number[] = [];
-    for (let i = this.first[r]!; i < this.first[r + 1]!; i++) out.push(this.slots[i]!);
-    return out;
   }
 }
 
@@ -285,7 +278,7 @@ export class Writeback {
     const inThread =
       threaded.length === 0
         ? null
-        : io!.write(threaded.map((r) => ({ fd: batch.direct[r]!.fd, offset: batch.offset(r), length: batch.length(r), slots: batch.runSlotsView(r) })), s.waitingForSlots > 0).then(
+        : io!.write(threaded.map((r) => ({ fd: batch.direct[r]!.fd, offset: batch.offset(r), length: batch.length(r), slots: batch.runSlots(r) })), s.waitingForSlots > 0).then(
             (errors) => {
               errors.forEach((err, i) => {
                 const r = threaded[i]!;
@@ -308,7 +301,7 @@ export class Writeback {
         const slots = batch.runSlots(r);
         if (e.backing.pwriteNow !== undefined) {
           // Straight from the region pages, synchronously: nothing can reuse them during the call.
-          let pages = slots.map((slot) => s.region.page(slot));
+          let pages = Array.from(slots, (slot) => s.region.page(slot));
           if (len < pages.length * PAGE_SIZE) pages = [...pages.slice(0, -1), pages[pages.length - 1]!.subarray(0, len % PAGE_SIZE)];
           try {
             if (e.backing.pwriteNow(pages, off)) {
