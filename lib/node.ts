@@ -17,6 +17,7 @@ import { NodeRequestStats } from './metrics/request-stats';
 import { ExportRegistry, type ExportHandle } from './server/exports';
 import { BusyPoll } from './server/busy-poll';
 import { NbdServer } from './server/listener';
+import type { PeerLinkOptions } from './replication/peer-link';
 import { LINK_PREFIX, Replica, type ReplicaStatus } from './replication/replica';
 import { BackingFile, checkCapacity, lockDataDir } from './storage/backing-file';
 import type { BlockIndex } from './storage/block-index';
@@ -141,10 +142,22 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
     const layers: Array<{ name: string; layer: PmemLayer; index: BlockIndex }> = [];
     const handles: ExportHandle[] = [];
     const nodeId = config.nodeId ?? hostname();
-    const peer =
+    // One busy polling for the node's event loop: client requests and the replication link's replies touch it.
+    const busyPoll = new BusyPoll(config.busyPollMs);
+    const peer: PeerLinkOptions | null =
       config.peer === null
         ? null
-        : { nbd: config.peer.nbd, http: config.peer.http, timeoutMs: config.peerTimeoutMs, resyncRate: config.resyncRate, adminToken: config.adminToken };
+        : {
+            nbd: config.peer.nbd,
+            http: config.peer.http,
+            timeoutMs: config.peerTimeoutMs,
+            resyncRate: config.resyncRate,
+            adminToken: config.adminToken,
+            // A mirrored write waits on the loop for the peer's reply: polling from the request's arrival alone
+            // would end before it came (the secondary's round trip is about a window long), and the primary would
+            // then pay a wake-up for the reply and another for the client's next request.
+            onRead: () => busyPoll.touch(),
+          };
     const requests = new NodeRequestStats();
     for (const e of config.exports) {
       const se = store.addExport(e.name, backings.get(e.name)!);
@@ -222,7 +235,6 @@ export async function startNode(config: Config, log: Logger): Promise<NbdmirrorN
         }),
       };
     };
-    const busyPoll = new BusyPoll(config.busyPollMs);
     const metrics = createNodeMetrics({ requests, snapshot, busyPoll }, { version: packageVersion(), nodeId });
     http.addRoute('GET /v1/status', (_req, res) => sendJson(res, 200, status()));
     http.addRoute('GET /metrics', async (_req, res) => {

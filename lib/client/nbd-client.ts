@@ -141,6 +141,11 @@ export interface ConnectOptions extends HandshakeOptions {
   useExportName?: boolean;
   /** Requests on the wire at once; more are queued in order (default 64). */
   maxInFlight?: number;
+  /**
+   * Called on every read from the socket, before its bytes are handled. A node's replication link passes its
+   * busy polling's touch() here, so that the event loop keeps polling while it waits for the peer's replies.
+   */
+  onRead?: (() => void) | undefined;
 }
 
 /** What NBD_OPT_INFO reports, plus the meta contexts NBD_OPT_LIST_META_CONTEXT lists for the export. */
@@ -302,7 +307,7 @@ export class NbdClient {
     const maxInFlight = options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT;
     if (!Number.isInteger(maxInFlight) || maxInFlight < 1 || maxInFlight > MAX_SLOTS) throw new RangeError(`maxInFlight ${maxInFlight} must be in [1, ${MAX_SLOTS}]`);
     const queries = options.metaContexts ?? [BASE_ALLOCATION];
-    const ch = OptionChannel.open(target, options.connectTimeoutMs);
+    const ch = OptionChannel.open(target, options.connectTimeoutMs, options.onRead);
     try {
       const greeting = await greet(ch);
       let structured = false;

@@ -151,12 +151,22 @@ export class OptionChannel {
     socket.on('close', this.onClose);
   }
 
-  /** Start connecting; the timer bounds connect plus handshake and is cleared by detach(). */
-  static open(target: ConnectTarget, timeoutMs: number = DEFAULT_CONNECT_TIMEOUT_MS): OptionChannel {
+  /**
+   * Start connecting; the timer bounds connect plus handshake and is cleared by detach().
+   * @param onRead called on every socket read, before its bytes are handled (see ConnectOptions.onRead)
+   */
+  static open(target: ConnectTarget, timeoutMs: number = DEFAULT_CONNECT_TIMEOUT_MS, onRead?: () => void): OptionChannel {
     // The socket reads into reused buffers (see lib/server/receive-buffers.ts): a read's bytes are valid only
     // during the sink's call.
     let ch: OptionChannel | null = null;
-    const onread = new ReceiveBuffers().onread((chunk) => ch!.sink(chunk));
+    const onread = new ReceiveBuffers().onread(
+      onRead === undefined
+        ? (chunk) => ch!.sink(chunk)
+        : (chunk) => {
+            onRead();
+            ch!.sink(chunk);
+          },
+    );
     const socket = 'path' in target ? net.connect({ path: target.path, onread }) : net.connect({ host: target.host, port: target.port, onread });
     ch = new OptionChannel(socket, describeTarget(target), !('path' in target));
     if (timeoutMs > 0 && Number.isFinite(timeoutMs)) {

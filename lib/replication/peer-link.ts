@@ -23,6 +23,8 @@ export interface PeerLinkOptions {
   resyncRate: number;
   /** Sent as a bearer token on every call to the peer's HTTP endpoint (both nodes share it); null = none. */
   adminToken: string | null;
+  /** Called on every read from the link's NBD socket (the node's busy polling, see ConnectOptions.onRead). */
+  onRead?: () => void;
 }
 
 export interface LinkStatus {
@@ -251,6 +253,7 @@ export class PeerLink {
       connectTimeoutMs: this.opts.timeoutMs,
       metaContexts: [],
       maxInFlight: 256,
+      onRead: this.opts.onRead,
     });
     if (this.stopped) {
       await client.close();

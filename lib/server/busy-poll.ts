@@ -8,6 +8,10 @@
 // primary's wait for it (p50 130-150 µs against 55-61). Shorter windows that end before the client's next
 // request save nothing: a 50 µs one left QD1 at 42 µs and the mirrored write at 187.
 //
+// What touches it: every read of a client connection, and every read of the replication link's socket (the
+// peer's replies to mirrored writes), since on a mirrored write the loop waits for that reply and then for the
+// client's next request, and the two together outlast one window.
+//
 // How: while the window is open a setImmediate callback re-arms itself; with an immediate pending, libuv polls
 // with a zero timeout instead of sleeping, so the next request is read as soon as it arrives. The cost is CPU:
 // at most one window of spinning per request that finds the loop idle, none while the loop is busy anyway.

@@ -4,6 +4,7 @@
 // than the peer timeout, or drops it (repeatedly, and once in the middle of a resync), and ends the same way:
 // every acknowledged write reads back from the primary, and once the faults are gone the nodes are in sync
 // and both copies are byte-identical.
+// One more uses the slow link to show that the primary's busy polling restarts when the peer's reply arrives.
 
 import t from 'tap';
 import type { Test } from 'tap';
@@ -31,7 +32,7 @@ async function connect(node: Node): Promise<NbdClient> {
  * when it is called, before b's port is known to us, so a port is held open for the proxy while makePair
  * picks the nodes' ports (they cannot collide with it), then released and taken by the proxy at once.
  */
-async function faultedPair(t: Test): Promise<{ a: Node; b: Node; proxy: TcpProxy }> {
+async function faultedPair(t: Test, primaryArgs: readonly string[] = []): Promise<{ a: Node; b: Node; proxy: TcpProxy }> {
   const holder = net.createServer();
   await new Promise<void>((resolve, reject) => {
     holder.once('error', reject);
@@ -42,7 +43,7 @@ async function faultedPair(t: Test): Promise<{ a: Node; b: Node; proxy: TcpProxy
   await new Promise((r) => holder.close(r));
   const proxy = await startTcpProxy(t, { target: { host: '127.0.0.1', port: b.nbdPort }, listen: { host: '127.0.0.1', port: proxyPort } });
   await b.start(['--role', 'secondary']);
-  await a.start(['--role', 'primary']);
+  await a.start(['--role', 'primary', ...primaryArgs]);
   await waitInSync(a, b);
   const ra = await a.rep();
   t.equal(ra.link.peer, proxy.url, 'the primary links through the proxy');
@@ -174,6 +175,40 @@ t.test('slow link (20 ms each way): mirrored writes wait for the peer, none fail
   proxy.setDelay(0);
   await waitInSync(a, b);
   await identical(t, a, b, 'after the slow-link stream');
+  await c.disconnect();
+});
+
+t.test("busy polling covers a mirrored write's wait for the peer: the primary polls again when the reply comes", async (t) => {
+  // With the link 50 ms each way, a mirrored write's reply from the peer comes 100 ms or more after the client's
+  // request, long after a 10 ms window opened by the request has closed. The link's reads touch the polling
+  // too, so every write opens two windows of at least 10 ms each (a polled window is never shorter than
+  // --busy-poll), apart as the writes are; with the client's requests alone there would be one per write.
+  const WINDOW_MS = 10;
+  const WRITES = 8;
+  const { a, b, proxy } = await faultedPair(t, ['--busy-poll', `${WINDOW_MS}ms`]);
+  const polled = async (): Promise<number> => {
+    const res = await fetch(`http://127.0.0.1:${a.httpPort}/metrics`, { signal: AbortSignal.timeout(10_000) });
+    const line = (await res.text()).split('\n').find((l) => l.startsWith('nbdmirror_busy_poll_seconds_total '));
+    if (line === undefined) throw new Error('no nbdmirror_busy_poll_seconds_total in /metrics');
+    return Number(line.slice(line.indexOf(' ') + 1));
+  };
+  const c = await connect(a);
+  proxy.setDelay(50);
+  const before = await polled();
+  const started = performance.now();
+  for (let i = 0; i < WRITES; i++) {
+    await c.pwrite(Buffer.alloc(BLOCK, i + 1), i * BLOCK);
+    await sleep(3 * WINDOW_MS); // so that the reply's window ends before the next request opens one
+  }
+  const elapsed = performance.now() - started;
+  const during = (await polled()) - before;
+  t.ok(elapsed >= WRITES * (100 + 3 * WINDOW_MS) * 0.95, `each write waited for the delayed peer (${elapsed.toFixed(0)} ms for ${WRITES})`);
+  const floor = (2 * WRITES * WINDOW_MS) / 1000;
+  t.ok(during >= floor * 0.999, `the primary polled ${(during * 1000).toFixed(1)} ms: at least two ${WINDOW_MS} ms windows per write (${floor * 1000} ms)`);
+  t.ok(during < elapsed / 1000, 'and not the whole time: it slept while waiting for the peer');
+  proxy.setDelay(0);
+  await waitInSync(a, b);
+  await identical(t, a, b, 'after the delayed writes');
   await c.disconnect();
 });
 
