@@ -7,6 +7,9 @@
 // - copying a 4 KiB payload into a page: TypedArray#set vs Buffer#copy;
 // - the range lock of mirrored writes, 32 ranges held (QD32): held blocks in a BlockIndex vs a JS Map (the
 //   first version), whose tables V8 allocates in the old generation once the Map lives there;
+// - the out-of-sync bitmap of replication: marking the blocks of writes the peer missed (setRange, a word at a
+//   time, vs a bit at a time), and the resync's scan for runs of them (nextSet/nextClear over the summary
+//   level vs a sweep of every word);
 // - the read cache under 4 KiB random reads (a lookup, and on a miss a fill that evicts): blocks in one slab
 //   of slots vs a Buffer per cached block (the first version).
 //
@@ -212,7 +215,110 @@ function main(): void {
   check(lock.heldBlocks === HELD && mapHeld.size === HELD, 'both hold 32 blocks');
   compare('range lock: release the oldest of 32 held 4 KiB ranges, take a random one', ['current: RangeLock (BlockIndex)', viaLock], [['alt: held blocks in a Map (first version)', viaMap]]);
 
+  oosCases();
+
   report('storage micro-benchmark', `(writeback rows: ns per picked page; sink ${sink % 997})`);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The out-of-sync bitmap (OosMap's bits): while the peer is away every write marks its blocks; when it returns
+// the resync walks the runs of marked blocks. Writes of 1-64 blocks (4-256 KiB) at random block offsets.
+
+/** Set [from, to) one bit at a time: what setRange replaced. */
+function setBitByBit(m: BlockBitmap, from: number, to: number): number {
+  let changed = 0;
+  for (let b = from; b < to; b++) if (m.set(b)) changed++;
+  return changed;
+}
+
+/** Runs [start, end) of set bits by a sweep of every word (no summary level): the alternative to nextSet. */
+function runsBySweep(m: BlockBitmap): number[] {
+  const out: number[] = [];
+  const words = m.words;
+  let start = -1;
+  for (let w = 0; w < words.length; w++) {
+    const x = words[w]!;
+    if (x === 0) {
+      if (start >= 0) {
+        out.push(start, w << 5);
+        start = -1;
+      }
+      continue;
+    }
+    if (x === 0xffffffff && start >= 0) continue;
+    for (let i = 0; i < 32; i++) {
+      const on = (x & (1 << i)) !== 0;
+      if (on && start < 0) start = (w << 5) + i;
+      else if (!on && start >= 0) {
+        out.push(start, (w << 5) + i);
+        start = -1;
+      }
+    }
+  }
+  if (start >= 0) out.push(start, Math.min(m.size, words.length << 5));
+  return out;
+}
+
+/** The same runs by the scans OosMap and the resync use. */
+function runsByNextSet(m: BlockBitmap): number[] {
+  const out: number[] = [];
+  for (let b = m.nextSet(0); b >= 0; ) {
+    const end = m.nextClear(b);
+    out.push(b, end);
+    b = end < m.size ? m.nextSet(end) : -1;
+  }
+  return out;
+}
+
+function oosCases(): void {
+  const writes = (seed: number): (() => [number, number]) => {
+    const rnd = lcg(seed);
+    return () => {
+      const len = 1 + (rnd() & 63);
+      const first = rnd() % (BLOCKS - len);
+      return [first, first + len];
+    };
+  };
+  // Both variants mark the same writes, and start over when a quarter of the export is marked (a resync).
+  const byRange = new BlockBitmap(BLOCKS);
+  const byBit = new BlockBitmap(BLOCKS);
+  const nextA = writes(21);
+  const nextB = writes(21);
+  const viaRange = (): void => {
+    const [from, to] = nextA();
+    sink += byRange.setRange(from, to);
+    if (byRange.count > BLOCKS / 4) byRange.clearAll();
+  };
+  const viaBits = (): void => {
+    const [from, to] = nextB();
+    sink += setBitByBit(byBit, from, to);
+    if (byBit.count > BLOCKS / 4) byBit.clearAll();
+  };
+  for (let i = 0; i < 5000; i++) {
+    viaRange();
+    viaBits();
+  }
+  check(byRange.count === byBit.count && byRange.words.every((w, i) => w === byBit.words[i]), 'the same bits set');
+  compare('out-of-sync bitmap: mark a write of 1-64 blocks (262144 blocks)', ['current: setRange, a word at a time', viaRange], [
+    ['alt: set() a bit at a time', viaBits],
+  ]);
+
+  // The resync's scan, every run listed: after a short outage (200 writes marked, about 2.5% of the blocks)
+  // and a longer one (2000 writes, about a fifth).
+  for (const marked of [200, 2000]) {
+    const m = new BlockBitmap(BLOCKS);
+    const next = writes(33);
+    for (let i = 0; i < marked; i++) {
+      const [from, to] = next();
+      m.setRange(from, to);
+    }
+    const a = runsByNextSet(m);
+    const b = runsBySweep(m);
+    check(a.length === b.length && a.every((x, i) => x === b[i]), 'the same runs');
+    compare(`resync scan: every run of marked blocks (${m.count} of 262144 marked, ${a.length / 2} runs)`, ['current: nextSet/nextClear (summary level)', () => void (sink += runsByNextSet(m).length)], [
+      ['alt: sweep every word', () => void (sink += runsBySweep(m).length)],
+    ]);
+  }
 }
 
 main();
