@@ -31,7 +31,7 @@
 #
 # Defaults given to the harness (later arguments win): --reps 3 --runtime 5 --ramp 1
 #   --baseline nbdkit-file --max-minutes 60
-# resync.sh gets the harness's --reps and --datadir (defaults 3 and /dev/shm).
+# resync.sh gets the harness's --reps and --datadir (defaults 3 and /dev/shm), and --warm-gib 0 when BENCH_WARM_GIB=0.
 # Exit codes: those of nbd-bench.sh (then resync.sh's: 1 when a rep failed); 3 when a required tool is missing;
 # 1 when dist/ is not built.
 set -euo pipefail
@@ -170,42 +170,24 @@ for a in "$@"; do
 done
 rcmd=()
 if ((MIRROR)) && [[ ${BENCH_RESYNC:-1} != 0 ]]; then
-  rcmd=(bash bench/mirror/resync.sh --out "$OUT" --server "$SERVER" --reps "$reps" --datadir "$datadir" --)
+  rcmd=(bash bench/mirror/resync.sh --out "$OUT" --server "$SERVER" --reps "$reps" --datadir "$datadir")
+  [[ ${BENCH_WARM_GIB:-12} == 0 ]] && rcmd+=(--warm-gib 0)
+  rcmd+=(--)
   [[ -n ${durdisk:-} ]] && rcmd+=(--durability disk)
 fi
 
-# Guest memory warm-up. On this kind of VM the host backs a guest page only when the guest first writes it: a
-# write to a page the guest never used costs about ten times a write to one it did (a tmpfs file written in
-# 256 KiB pieces: ~300 MB/s against ~2900 MB/s). Whichever server drew fresh pages (for its files on
-# /dev/shm, its region, its buffers) ran slower by that much; resync and copy_in ratios swung 2x between reps.
-# Writing (not fallocating: tmpfs leaves those pages untouched) and deleting a large file first leaves the
-# kernel's free lists full of pages the host already backs, for every target alike.
-# BENCH_WARM_GIB=0 skips it.
-warm_memory() {
-  local dir=$1 gib=${BENCH_WARM_GIB:-12} avail free
-  ((gib > 0)) || return 0
-  avail=$(awk '/^MemAvailable:/ { print int($2 / 1048576 * 0.6) }' /proc/meminfo)
-  free=$(df -k --output=avail "$dir" 2>/dev/null | awk 'NR == 2 { print int($1 / 1048576) - 4 }')
-  ((gib > avail)) && gib=$avail
-  [[ -n $free ]] && ((gib > free)) && gib=$free
-  ((gib > 0)) || { say "memory warm-up skipped (not enough room in $dir)"; return 0; }
-  local f=$dir/nbdmirror-bench-warm.$$ t0 t1
-  t0=$(date +%s.%N)
-  timeout 300 dd if=/dev/zero of="$f" bs=1M count=$((gib * 1024)) status=none || say "memory warm-up: dd stopped early"
-  rm -f "$f"
-  t1=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-  WARM_META="wrote and removed $gib GiB in $dir before the run ($t1 s)"
-  say "memory warm-up: $WARM_META"
-}
+# Guest memory warm-up before the harness (bench/lib/warm-memory.sh); BENCH_WARM_GIB=0 skips it. resync.sh,
+# which runs some 20 minutes later, does its own.
+# shellcheck source=bench/lib/warm-memory.sh
+source bench/lib/warm-memory.sh
 
 if [[ -n ${BENCH_DRY_RUN:-} ]]; then
   printf '%q ' "${cmd[@]}"; echo
   ((${#rcmd[@]})) && { printf '%q ' "${rcmd[@]}"; echo; }
   exit 0
 fi
-WARM_META=""
-warm_memory "$datadir"
-[[ -n $WARM_META ]] && cmd+=(--meta "context.memory_warmup=$WARM_META")
+warm_memory "$datadir" "${BENCH_WARM_GIB:-12}"
+[[ -n $WARM_META ]] && cmd+=(--meta "context.memory_warmup=$WARM_META before the run")
 rc=0
 "${cmd[@]}" || rc=$?
 # Interrupted (Ctrl-C, SIGTERM): stop here.

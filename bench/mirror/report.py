@@ -272,7 +272,8 @@ def resync_section(run_dir):
         "primary resyncs those blocks. Then the same two node commands, without `--peer`, on the same ports, time "
         f"`nbdcopy --flush nbd://a/disk0 nbd://b/disk0` of the same data ({meta.get('nbdcopy', 'nbdcopy')}, defaults; "
         "`--flush` because the resync flushes the secondary every 2 MiB and at its end). Every resync is checked before it counts: both exports "
-        "read back whole, sha256 equal to each other and to the source. MB/s = 10^6 B/s of the D bytes.",
+        "read back whole, sha256 equal to each other and to the source. MB/s = 10^6 B/s of the D bytes."
+        + (f" Before rep 1 the script {meta['memory_warmup']} (guest memory warm-up)." if meta.get("memory_warmup") else ""),
         "",
         "- **resync s**: from the resync's start (the primary's `link.resync.startedAt`) until a 25 ms poller saw "
         "the pair in sync (primary `connected`, 0 out-of-sync blocks, secondary `UpToDate`);",

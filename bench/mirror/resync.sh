@@ -4,7 +4,7 @@
 #
 # Usage:
 #   bench/mirror/resync.sh [--out RUN_DIR] [--server SERVER.js] [--reps N] [--bytes D] [--export-size SIZE]
-#                          [--datadir DIR] [--timeout S] [-- NODE FLAGS...]
+#                          [--datadir DIR] [--timeout S] [--warm-gib G] [-- NODE FLAGS...]
 #
 #   --out DIR          run directory (default: a new bench-runs/<UTC timestamp>); results go to
 #                      DIR/mirror-resync.tsv (one row per rep), DIR/mirror-resync.meta.json (settings),
@@ -18,6 +18,10 @@
 #   --export-size S    size of disk0 on the mirrored pair (default 1G; at least D)
 #   --datadir DIR      where the nodes' data, pmem regions and the source file live (default /dev/shm)
 #   --timeout S        bound for each wait (in sync, a copy; default 300)
+#   --warm-gib G       before rep 1, write and remove G GiB in DIR (default 4, env BENCH_RESYNC_WARM_GIB; 0:
+#                      no warm-up): see bench/lib/warm-memory.sh. Each rep writes about 2 x D of fresh files
+#                      on DIR, and the resync's half of rep 1 came first onto pages the VM's host had not
+#                      backed (or had taken back since bench/run.sh's warm-up), at a fraction of the speed
 #   NODE FLAGS         given to every node (without "--": --durability disk, as the nbdmirror-disk target)
 #
 # Each repetition (every step bounded in time; every process started here is stopped by its PID, also on
@@ -51,9 +55,10 @@ ROOT=$(cd "$HERE/../.." && pwd)
 cd "$ROOT" || exit 1
 
 OUT="" SERVER="" REPS=${BENCH_RESYNC_REPS:-3} BYTES=${BENCH_RESYNC_BYTES:-512M} ESIZE=1G DATADIR=/dev/shm
-TIMEOUT=300 FLAGS=(--durability disk)
+TIMEOUT=300 FLAGS=(--durability disk) WARM_GIB=${BENCH_RESYNC_WARM_GIB:-4}
 usage() { sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 log() { printf '[%(%H:%M:%S)T] resync: %s\n' -1 "$*" >&2; }
+say() { log "$*"; }  # for bench/lib/warm-memory.sh
 die() { log "ERROR: $*"; exit "${2:-1}"; }
 while (($#)); do
   case $1 in
@@ -64,6 +69,7 @@ while (($#)); do
     --export-size) ESIZE=$2; shift 2 ;;
     --datadir) DATADIR=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
+    --warm-gib) WARM_GIB=$2; shift 2 ;;
     --) shift; FLAGS=("$@"); break ;;   # may be empty: the server's defaults
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument '$1'" 2 ;;
@@ -77,6 +83,7 @@ ES=$(numfmt --from=iec "$ESIZE") || die "bad --export-size $ESIZE" 2
 ((D > 0 && D % 4096 == 0)) || die "--bytes must be a positive multiple of 4 KiB" 2
 ((ES >= D)) || die "--export-size must be at least --bytes" 2
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer" 2
+[[ $WARM_GIB =~ ^[0-9]+$ ]] || die "--warm-gib must be a whole number of GiB" 2
 
 if [[ -z $OUT ]]; then OUT=$ROOT/bench-runs/$(date -u +%Y%m%dT%H%M%SZ); fi
 mkdir -p "$OUT/raw/mirror-resync" || die "cannot create $OUT"
@@ -180,6 +187,9 @@ if command -v openssl >/dev/null; then openssl rand -out "$SRC" "$D" 2>/dev/null
 [[ $(stat -c %s "$SRC" 2>/dev/null) == "$D" ]] || die "could not create $SRC"
 SRC_SHA=$(sha256sum <"$SRC") SRC_SHA=${SRC_SHA%% *}
 EXP_SHA=$({ cat "$SRC"; head -c $((ES - D)) /dev/zero; } | sha256sum) EXP_SHA=${EXP_SHA%% *}
+# shellcheck source=bench/lib/warm-memory.sh
+source "$ROOT/bench/lib/warm-memory.sh"
+warm_memory "$DATADIR" "$WARM_GIB"
 
 mirror_args() {  # mirror_args NODE DIR: the mirrored pair's command line for node a or b
   if [[ $1 == a ]]; then
@@ -312,11 +322,11 @@ for ((rep = 1; rep <= REPS; rep++)); do
   log "rep $rep: $st; resync ${rmb:-?} MB/s (server ${smb:-?}), nbdcopy ${cmb:-?} MB/s, ratio ${ratio:-?}${note:+; $note}"
 done
 
-jq -n --arg server "$SERVER" --arg bytes "$D" --arg esize "$ES" --arg reps "$REPS" --arg flags "${FLAGS[*]}" \
+jq -n --arg server "$SERVER" --arg bytes "$D" --arg esize "$ES" --arg reps "$REPS" --arg flags "${FLAGS[*]}" --arg warm "$WARM_META" \
   --arg nbdcopy "$(nbdcopy --version 2>&1 | head -n1)" --arg date "$(date -u '+%Y-%m-%d %H:%M:%S')" \
   --arg ver "$(node -p "require('$ROOT/package.json').version" 2>/dev/null)" \
   '{date: $date, server: $server, nbdmirror_version: $ver, bytes: ($bytes | tonumber),
     export_size: ($esize | tonumber), reps: ($reps | tonumber), node_flags: $flags, peer_timeout: "1s", nbdcopy: $nbdcopy,
-    poll_s: 0.025, target_ratio: 0.8}' >"$OUT/mirror-resync.meta.json"
+    poll_s: 0.025, target_ratio: 0.8, memory_warmup: $warm}' >"$OUT/mirror-resync.meta.json"
 python3 "$HERE/report.py" "$OUT" || log "report.py failed"
 exit "$failed"
