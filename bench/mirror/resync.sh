@@ -20,8 +20,8 @@
 #   --timeout S        bound for each wait (in sync, a copy; default 300)
 #   --warm-gib G       before rep 1, write and remove G GiB in DIR (default 4, env BENCH_RESYNC_WARM_GIB; 0:
 #                      no warm-up): see bench/lib/warm-memory.sh. Each rep writes about 2 x D of fresh files
-#                      on DIR, and the resync's half of rep 1 came first onto pages the VM's host had not
-#                      backed (or had taken back since bench/run.sh's warm-up), at a fraction of the speed
+#                      on DIR, and rep 1's resync, the first of them, once ran at half the speed of the others;
+#                      this starts it, as bench/run.sh's warm-up starts the harness, on pages the host backs
 #   NODE FLAGS         given to every node (without "--": --durability disk, as the nbdmirror-disk target)
 #
 # Each repetition (every step bounded in time; every process started here is stopped by its PID, also on
