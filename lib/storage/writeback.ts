@@ -301,8 +301,9 @@ export class Writeback {
         const slots = batch.runSlots(r);
         if (e.backing.pwriteNow !== undefined) {
           // Straight from the region pages, synchronously: nothing can reuse them during the call.
-          let pages = Array.from(slots, (slot) => s.region.page(slot));
-          if (len < pages.length * PAGE_SIZE) pages = [...pages.slice(0, -1), pages[pages.length - 1]!.subarray(0, len % PAGE_SIZE)];
+          const pages = Array.from(slots, (slot) => s.region.page(slot));
+          // The export's last block may be short: only its first len % PAGE_SIZE bytes exist in the file.
+          if (len < pages.length * PAGE_SIZE) pages[pages.length - 1] = pages[pages.length - 1]!.subarray(0, len % PAGE_SIZE);
           try {
             if (e.backing.pwriteNow(pages, off)) {
               this.bytesWritten += len;
