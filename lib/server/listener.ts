@@ -56,6 +56,14 @@ export class NbdServer {
     });
   }
 
+  /**
+   * Serve a connection accepted somewhere else: e.g. by another thread, which passed the descriptor on
+   * (`new net.Socket({ fd, pauseOnCreate: true })` on this thread). It must not have started reading.
+   */
+  serve(socket: net.Socket): void {
+    this.accept(socket);
+  }
+
   get connectionCount(): number {
     return this.connections.size;
   }
