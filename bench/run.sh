@@ -26,11 +26,12 @@
 #   BENCH_RESYNC=0 npm run bench                    # the nbdmirror-mirror target, but no resync measurement
 #   BENCH_RESYNC_BYTES=256M npm run bench           # data resynced (and nbdcopied) per rep (default 512M)
 #   bash bench/mirror/resync.sh --reps 1            # the resync measurement alone (see its --help)
+#   BENCH_WARM_EACH_MIB=0 npm run bench             # no memory warm-up before each server start (default 3072)
 #   BENCH_DRY_RUN=1 bash bench/run.sh ...           # print the harness (and resync) command lines instead
 #   bash bench/run.sh ...                           # the same without rebuilding dist/
 #
 # Defaults given to the harness (later arguments win): --reps 3 --runtime 5 --ramp 1
-#   --baseline nbdkit-file --max-minutes 60
+#   --baseline nbdkit-file --max-minutes 60 --warm-mib 3072
 # resync.sh gets the harness's --reps and --datadir (defaults 3 and /dev/shm), and --warm-gib 0 when BENCH_WARM_GIB=0.
 # Exit codes: those of nbd-bench.sh (then resync.sh's: 1 when a rep failed); 3 when a required tool is missing;
 # 1 when dist/ is not built.
@@ -159,8 +160,9 @@ fi
 meta=(--meta "version.nbdmirror=$ver ($rev)" --meta "run.suite=bench/run.sh $*")
 
 say "peers: ${PEERS[*]}; harness: $HARNESS"
+# --warm-mib: every server starts on memory the guest has just used (see the harness's warm_before_start).
 cmd=(bash "$HARNESS" "${PEERS[@]}" --reps 3 --runtime 5 --ramp 1 --baseline nbdkit-file --max-minutes 60 \
-  "${targets[@]}" "${meta[@]}" "${out_args[@]}" "$@")
+  --warm-mib "${BENCH_WARM_EACH_MIB:-3072}" "${targets[@]}" "${meta[@]}" "${out_args[@]}" "$@")
 
 # The resync measurement, after the harness, in the same run directory, with the harness's --reps and --datadir.
 reps=3 datadir=/dev/shm prev=""

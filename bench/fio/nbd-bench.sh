@@ -67,6 +67,10 @@
 #   --datadir DIR         where source/backing files live (default /dev/shm)
 #   --out DIR             result directory (default ./bench-runs/<UTC timestamp>)
 #   --max-minutes M       stop starting new measurements after M minutes (default 30)
+#   --warm-mib N          before each server start, write and remove N MiB in
+#                         --datadir, so that every server starts on memory the
+#                         machine has just used (default 0 = off; skipped when
+#                         --datadir has less than N MiB + 2 x --size free)
 #   --meta KEY=VALUE      extra line for meta.tsv (repeatable); version.* keys are
 #                         listed under "tools" in summary.md
 #   --list                list builtin targets and workloads, then exit
@@ -141,7 +145,7 @@ WL_JOBS[randrw70_4k_2x16]=2
 # ----------------------------------------------------------------------------
 REPS=3 RUNTIME=5 RAMP=1 SIZE=1G DATADIR=/dev/shm OUT="" BASELINE=""
 VERIFY=first DO_COPY=1 DO_CONTEXT=1 MAX_MINUTES=30 WORKLOADS=""
-WAIT_QUIET=0 QUIET_CORES=0.25 NOISE_CORES=0.3 FIO_EXTRA=""
+WAIT_QUIET=0 QUIET_CORES=0.25 NOISE_CORES=0.3 FIO_EXTRA="" WARM_MIB=0
 SERVER_CPUS="" CLIENT_CPUS=""
 START_TIMEOUT=20 COPY_TIMEOUT=180
 TARGETS=() EXTRA_TARGETS=() EXTRA_META=()
@@ -191,6 +195,7 @@ while (($#)); do
     --datadir) DATADIR=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --max-minutes) MAX_MINUTES=$2; shift 2 ;;
+    --warm-mib) WARM_MIB=$2; shift 2 ;;
     --meta) [[ ${2:-} == *=* ]] || die "--meta needs KEY=VALUE"
       EXTRA_META+=("$2"); shift 2 ;;
     --list) list_builtins; exit 0 ;;
@@ -205,6 +210,7 @@ TARGETS+=("${EXTRA_TARGETS[@]}")
 if [[ -z $WORKLOADS ]]; then FIO_WLS=("${WL_ORDER[@]}"); else IFS=, read -ra FIO_WLS <<<"$WORKLOADS"; fi
 for w in "${FIO_WLS[@]}"; do [[ -n ${WL_ARGS[$w]:-} ]] || die "unknown workload '$w' (see --list)"; done
 [[ $VERIFY =~ ^(first|all|none)$ ]] || die "--verify must be first|all|none"
+[[ $WARM_MIB =~ ^[0-9]+$ ]] || die "--warm-mib must be a number of MiB"
 if [[ -z $BASELINE ]]; then
   BASELINE=${TARGETS[0]}
   for t in "${TARGETS[@]}"; do [[ $t == nbdkit-memory ]] && BASELINE=$t; done
@@ -423,10 +429,26 @@ listener_is_ours() {
   done
 }
 
+# warm_before_start — --warm-mib: on a VM whose host takes freed guest memory back (free page reporting,
+# ballooning), a first write to such a page costs several times a write to one in use, so the server that
+# starts after a smaller one would pay for the pages the smaller one never touched. Writing and removing N
+# MiB first hands every server memory the guest has just used.
+warm_before_start() {
+  ((WARM_MIB > 0)) || return 0
+  local f=$DATADIR/nbd-bench.$RUN_ID.warm avail
+  avail=$(df -Pm "$DATADIR" | awk 'NR == 2 { print $4 }')
+  if ((avail < WARM_MIB + 2 * SIZE_BYTES / 1048576)); then
+    log "warm-up skipped: $avail MiB free in $DATADIR"; return 0
+  fi
+  dd if=/dev/zero of="$f" bs=1M count="$WARM_MIB" status=none 2>/dev/null || log "warm-up: dd failed"
+  rm -f "$f"
+}
+
 # start_server NAME REP — sets SERVER_PID/SERVER_PGID/URI; returns non-zero on failure.
 start_server() {
   local name=$1 rep=$2 tpl=${T_CMD[$1]} dir cmd i pg slog=$RAW/$1.r$2.server.log
   dir=$RUN_TMP/$name.r$rep; mkdir -p "$dir"
+  warm_before_start
   PORT=$(pick_port) || { log "no free port"; return 1; }
   SERVER_FILE=""
   if [[ $tpl == *'{file}'* ]]; then
@@ -714,6 +736,7 @@ collect_meta() {
   local pin="${SERVER_CPUS:+server CPUs $SERVER_CPUS }${CLIENT_CPUS:+client CPUs $CLIENT_CPUS}"
   meta config.pin "${pin:-none}"
   meta config.wait_quiet "$WAIT_QUIET"
+  meta config.warm_mib "$WARM_MIB"
   meta config.workloads "${FIO_WLS[*]}"
   local w mj=()
   for w in "${FIO_WLS[@]}"; do [[ ${WL_JOBS[$w]:-1} == 1 ]] || mj+=("$w=${WL_JOBS[$w]}"); done
