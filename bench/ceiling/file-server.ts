@@ -4,13 +4,16 @@
 // so a client's connections land on different loops, as nbd-server's land in different processes. A WRITE
 // is one synchronous pwrite into the file (as the server's region bypass does for long writes), a READ a
 // synchronous pread (the long ones in the thread pool, as the server reads a file on tmpfs), FLUSH an
-// fdatasync. FILE_SERVER_POOL_WRITES=1 sends writes of 64 KiB and more to the thread pool instead. No region, cache, allocation map or replication: what this
-// serves is the most that more than one event loop could give the copies before any storage state has to be
-// shared between the loops. bench/ceiling/copies.sh compares it with nbd-server and the server.
+// fdatasync. FILE_SERVER_POOL_WRITES=1 sends writes of 64 KiB and more to the thread pool instead. No
+// region, cache, allocation map or replication: what this serves is the most that more than one event loop
+// could give the copies before any storage state has to be shared between the loops.
+// bench/ceiling/multi-loop.sh compares it with nbd-server and the server.
 //
 // Not a pattern for the server: Node has no dup(2), so the accepted socket stays open on the main thread too
-// (kept, never read, never closed) after a loop took it over; a real server would need `reusePort` (Node
-// 22.12 and later) or a listening socket shared by the loops.
+// (kept, never read, never closed: closing it would close whatever descriptor now has its number) after a
+// loop took it over. A server would rather let every loop listen on the one listening socket (a net.Server
+// given its descriptor works in Node 20 worker threads, but the kernel then picks the loop), or use
+// `reusePort` (Node 22.12 and later).
 //
 // Usage: node dist/bench/ceiling/file-server.js PORT FILE [LOOPS]   (LOOPS 1..8, default 1; SIGTERM stops
 // it and prints how many connections each loop took)

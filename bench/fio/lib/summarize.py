@@ -205,6 +205,9 @@ def main():
     ]
     if meta.get("context.memory_warmup"):
         facts.append(("guest memory warm-up", meta["context.memory_warmup"]))
+    if meta.get("config.warm_mib", "0") not in ("0", ""):
+        facts.append(("warm-up before each server start", f"wrote and removed {meta['config.warm_mib']} MiB in "
+                                                          f"{meta.get('config.datadir')} (`--warm-mib`)"))
     for k, v in facts:
         md.append(f"- **{k}**: {v}")
     md.append("")
