@@ -18,14 +18,14 @@
 // Usage: node dist/bench/ceiling/file-server.js PORT FILE [LOOPS]   (LOOPS 1..8, default 1; SIGTERM stops
 // it and prints how many connections each loop took)
 
-import { fdatasync, openSync, read, readSync, statSync, write, writeSync, writevSync, constants as fsc } from 'node:fs';
+import { fdatasync, openSync, read, readSync, statSync, write, writeSync, constants as fsc } from 'node:fs';
 import * as net from 'node:net';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import { silentLogger } from '../../lib/log';
 import { NodeRequestStats } from '../../lib/metrics/request-stats';
 import { ExportRegistry } from '../../lib/server/exports';
 import { NbdServer } from '../../lib/server/listener';
-import { type BlockDevice, type Extent, fullCapabilities } from '../../lib/storage/block-device';
+import { type BlockDevice, type Extent, type WriteFlags, fullCapabilities } from '../../lib/storage/block-device';
 
 interface LoopInit {
   file: string;
@@ -46,6 +46,15 @@ function fileDevice(fd: number, size: number): BlockDevice {
     let at = 0;
     while (at < buf.length) at += writeSync(fd, buf, at, buf.length - at, offset + at);
   };
+  const pwriteFast = (buf: Buffer, offset: number, flags?: WriteFlags): Promise<void> | null => {
+    if (poolWrites && buf.length >= 65536) {
+      return new Promise<void>((resolve, reject) =>
+        write(fd, buf, 0, buf.length, offset, (err, n) => (err ? reject(err) : n !== buf.length ? reject(new Error(`short write at ${offset}`)) : resolve())),
+      ).then(() => (flags?.fua === true ? sync() : undefined));
+    }
+    writeAt(buf, offset);
+    return flags?.fua === true ? sync() : null;
+  };
   return {
     size,
     caps: fullCapabilities(false),
@@ -61,21 +70,8 @@ function fileDevice(fd: number, size: number): BlockDevice {
       }
       return true;
     },
-    pwrite: (buf, offset, flags) => {
-      writeAt(buf, offset);
-      return flags?.fua === true ? sync() : Promise.resolve();
-    },
-    pwriteFast: (buf, offset, flags) => {
-      if (poolWrites && buf.length >= 65536)
-        return new Promise((resolve, reject) => write(fd, buf, 0, buf.length, offset, (err, n) => (err ? reject(err) : n !== buf.length ? reject(new Error('short')) : flags?.fua === true ? sync().then(resolve, reject) : resolve())));
-      writeAt(buf, offset);
-      return flags?.fua === true ? sync() : null;
-    },
-    pwriteNow: (bufs, offset) => {
-      const total = bufs.reduce((n, b) => n + b.length, 0);
-      if (writevSync(fd, bufs as Buffer[], offset) !== total) throw new Error(`short write at ${offset}`);
-      return true;
-    },
+    pwrite: (buf, offset, flags) => pwriteFast(buf, offset, flags) ?? Promise.resolve(),
+    pwriteFast,
     flush: sync,
     trim: () => Promise.resolve(),
     zero: (offset, length) => {

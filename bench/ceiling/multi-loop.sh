@@ -11,10 +11,10 @@
 # random read/write, two connections at depth 16 each). nbdcopy opens min(4, nproc) connections. Printed:
 # MB/s (IOPS for fio), the server's CPU seconds, and nbdcopy's own CPU seconds.
 #
-# Before each start it writes and removes CEILING_WARM_MIB MiB (default 3072; 0 skips it) in the work
-# directory, so that every server draws pages the guest has just used (see bench/README.md, "Memory
-# warm-up before each start"): on this VM a first write to a page the host has taken back costs about ten
-# times a write to a warm one, and without it the server that follows a smaller one pays for the difference.
+# Before each start it writes and removes CEILING_WARM_GIB GiB (default 3; 0 skips it) in the work
+# directory (bench/lib/warm-memory.sh), so that every server draws pages the guest has just used: on this VM
+# a first write to a page the host has taken back costs several times a write to a warm one, and without it
+# the server that follows a smaller one pays for the difference (bench/README.md, "This round").
 #
 # Usage: bash bench/ceiling/multi-loop.sh [REPS]      (default 3; 1..99)
 #   npm run build && tsc -p bench/tsconfig.json first (npm run bench:ceiling does both).
@@ -22,21 +22,21 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT" || exit 1
-REPS=${1:-3} RUNTIME=${CEILING_RUNTIME:-5} PORT=${CEILING_PORT:-31991} WARM_MIB=${CEILING_WARM_MIB:-3072}
+REPS=${1:-3} RUNTIME=${CEILING_RUNTIME:-5} PORT=${CEILING_PORT:-31991} WARM_GIB=${CEILING_WARM_GIB:-3}
 [[ $REPS =~ ^[1-9][0-9]?$ ]] || { echo "REPS must be 1..99" >&2; exit 2; }
-[[ $WARM_MIB =~ ^[0-9]+$ ]] || { echo "CEILING_WARM_MIB must be a number of MiB" >&2; exit 2; }
+[[ $WARM_GIB =~ ^[0-9]+$ ]] || { echo "CEILING_WARM_GIB must be a whole number of GiB" >&2; exit 2; }
 for t in fio nbd-server nbdinfo nbdcopy node /usr/bin/time; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
 [[ -f dist/server.js && -f dist/bench/ceiling/file-server.js ]] || { echo "build first: npm run bench:ceiling" >&2; exit 2; }
 # shellcheck source=bench/lib/alternate.sh
 source bench/lib/alternate.sh
+# shellcheck source=bench/lib/warm-memory.sh
+source bench/lib/warm-memory.sh
+say() { :; }  # warm_memory's report: one line per start would cut into the table
 bench_setup multiloop
 
 start() {
   rm -rf "$WORK/d"; mkdir -p "$WORK/d/data" "$WORK/d/pmem"
-  if ((WARM_MIB > 0)); then
-    dd if=/dev/zero of="$WORK/d/warm" bs=1M count="$WARM_MIB" status=none || return 1
-    rm -f "$WORK/d/warm"
-  fi
+  warm_memory "$WORK/d" "$WARM_GIB"
   case $1 in
     nbd-server)
       truncate -s 1G "$WORK/d/img"

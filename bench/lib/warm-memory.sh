@@ -1,4 +1,4 @@
-# bench/lib/warm-memory.sh — sourced by bench/run.sh and bench/mirror/resync.sh.
+# bench/lib/warm-memory.sh — sourced by bench/run.sh, bench/mirror/resync.sh and bench/ceiling/multi-loop.sh.
 #
 # Guest memory warm-up. On this kind of VM the host backs a guest page only when the guest first writes it: a
 # write to a page the guest never used costs about ten times a write to one it did (a tmpfs file written in
