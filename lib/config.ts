@@ -129,7 +129,7 @@ export function serverCommand(): Command {
     .addOption(new Option('--peer-timeout <duration>', 'mark the peer out of date and go on degraded after it is silent this long').default(DEFAULTS.peerTimeout).env('NBDMIRROR_PEER_TIMEOUT'))
     .addOption(new Option('--resync-rate <size>', 'resync bytes per second, e.g. 100M (0: as fast as the link goes)').default(DEFAULTS.resyncRate).env('NBDMIRROR_RESYNC_RATE'))
     .addOption(
-      new Option('--busy-poll <duration>', 'after each request, poll for the next one this long before sleeping (e.g. 100us, 0 disables): lower latency at low queue depth for some CPU')
+      new Option('--busy-poll <duration>', 'after each request, poll for the next one this long before sleeping (e.g. 100us, 0 disables; grows up to 4x while requests keep arriving just after it): lower latency at low queue depth for some CPU')
         .default(DEFAULTS.busyPoll)
         .env('NBDMIRROR_BUSY_POLL'),
     )

@@ -40,7 +40,7 @@ export interface MetricsSource {
   requests: NodeRequestStats;
   snapshot(): MetricsSnapshot;
   /** The event loop's busy polling (see BusyPoll), when the node has it. */
-  busyPoll?: { readonly polledSeconds: number };
+  busyPoll?: { readonly polledSeconds: number; readonly currentWindowMs: number };
 }
 
 type Values = Array<MetricValueWithName<string>>;
@@ -174,6 +174,9 @@ export function createNodeMetrics(src: MetricsSource, info: { version: string; n
 
   counter('nbdmirror_busy_poll_seconds_total', 'Time the event loop spent polling for requests instead of sleeping (--busy-poll)', [], (set) =>
     set({}, src.busyPoll?.polledSeconds ?? 0),
+  );
+  gauge('nbdmirror_busy_poll_window_seconds', 'How long the event loop polls after a request now: --busy-poll, grown up to 4 times that while requests keep arriving just after a window', [], (g) =>
+    g.set((src.busyPoll?.currentWindowMs ?? 0) / 1000),
   );
 
   // --- Region, writeback, read cache

@@ -9,6 +9,7 @@ import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import * as path from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { NbdClient } from '../../lib/client/nbd-client';
 import { requireTool } from '../helpers/requires';
 import { describe, run } from '../helpers/run';
@@ -106,6 +107,36 @@ if (requireTool(t, 'nbdcopy') && requireTool(t, 'promtool')) {
     const m = await scrape(srv.httpPort);
     t.equal(m.get(`nbdmirror_requests_total${req('write')}`), 20, 'the writes were served');
     t.equal(m.get('nbdmirror_busy_poll_seconds_total'), 0, 'no time spent polling');
+  });
+
+  t.test('--busy-poll 10ms: requests just past the window grow it, and a long pause resets it', async (t) => {
+    // Writes 15 ms apart: the first 10 ms window ends about 5 ms before the next request, so the window
+    // doubles to 20 ms, which then covers the gaps: the loop polls on from write to write. Pacing by timers is
+    // loose on a loaded machine, so this allows 30 writes for the growth (one gap within 10 ms of a window's
+    // end is enough) and checks the polling time against the wall time loosely.
+    const srv = await startServer(t, { args: ['--export', 'disk0=16M', '--pmem-size', '16M', '--busy-poll', '10ms'] });
+    const c = await NbdClient.connect({ host: '127.0.0.1', port: srv.nbdPort }, { exportName: 'disk0', metaContexts: [] });
+    const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+    let m = await scrape(srv.httpPort);
+    t.equal(m.get('nbdmirror_busy_poll_window_seconds'), 0.01, 'the window starts at --busy-poll');
+    const polled0 = m.get('nbdmirror_busy_poll_seconds_total')!;
+    const started = performance.now();
+    for (let i = 0; i < 30; i++) {
+      await c.pwrite(Buffer.alloc(4096, i + 1), i * 4096);
+      await sleep(15);
+    }
+    const elapsed = (performance.now() - started) / 1000;
+    m = await scrape(srv.httpPort);
+    const grown = m.get('nbdmirror_busy_poll_window_seconds')!;
+    t.ok(grown >= 0.02 && grown <= 0.04, `the window grew: ${grown * 1000} ms (at most 4 x 10 ms)`);
+    const polled = m.get('nbdmirror_busy_poll_seconds_total')! - polled0;
+    t.ok(polled >= 0.5 * elapsed, `the loop polled ${polled.toFixed(3)} s of the ${elapsed.toFixed(3)} s between the writes`);
+    await sleep(100); // longer than the largest window
+    await c.pwrite(Buffer.alloc(4096, 99), 0);
+    m = await scrape(srv.httpPort);
+    t.equal(m.get('nbdmirror_busy_poll_window_seconds'), 0.01, 'back to --busy-poll after the pause');
+    t.same(await c.pread(29 * 4096, 4096), Buffer.alloc(4096, 30), 'the paced writes landed');
+    await c.disconnect();
   });
 }
 
