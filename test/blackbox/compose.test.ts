@@ -62,6 +62,7 @@ const METRICS: Record<string, 'counter' | 'gauge' | 'histogram'> = {
   nbdmirror_connections_open: 'gauge',
   nbdmirror_connections_accepted_total: 'counter',
   nbdmirror_busy_poll_seconds_total: 'counter',
+  nbdmirror_busy_poll_window_seconds: 'gauge',
   nbdmirror_reply_pool_writes_total: 'counter',
   nbdmirror_reply_pool_partial_writes_total: 'counter',
   nbdmirror_region_capacity_pages: 'gauge',
