@@ -14,7 +14,8 @@
 # Before each start it writes and removes CEILING_WARM_GIB GiB (default 3; 0 skips it) in the work
 # directory (bench/lib/warm-memory.sh), so that every server draws pages the guest has just used: on this VM
 # a first write to a page the host has taken back costs several times a write to a warm one, and without it
-# the server that follows a smaller one pays for the difference (bench/README.md, "This round").
+# the server that follows a smaller one pays for the difference (bench/README.md, "Why copy_in ran at half
+# speed in some runs").
 #
 # Usage: bash bench/ceiling/multi-loop.sh [REPS]      (default 3; 1..99)
 #   npm run build && tsc -p bench/tsconfig.json first (npm run bench:ceiling does both).
